@@ -1,0 +1,127 @@
+"""The ``lmql-backends`` command: serve-model, run, demo.
+
+``lmql-backends serve-model MODEL [--legacy] [--port P] [--cuda] [--dtype D] [--NAME VALUE ...]``
+serves a model; every unknown ``--NAME VALUE`` is passed to ``from_pretrained`` with its value
+parsed (True/False/None, numbers, JSON lists and objects, else a string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from .errors import InvalidRequestError, LmqlBackendsError
+from .loader import DTYPES, LOADERS, parse_flag_value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmql-backends", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(commands)
+    add_run_parser(commands)
+    demo = commands.add_parser("demo", help="serve the embedded model and run queries through both backends")
+    demo.add_argument("--model", default=None, help="model to demo (default: the embedded builtin:tiny)")
+    return parser
+
+
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser(
+        "serve-model", help="serve a model over HTTP",
+        description="Serve MODEL. Unknown --name value flags are passed to from_pretrained.",
+    )
+    serve.add_argument("model", help="hub id, local path, or builtin:tiny (the embedded model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--legacy", action="store_true", help="serve the legacy LMQL 0.0.6.x API")
+    serve.add_argument("--cuda", action="store_true", help="use the GPU(s) if available (device_map=auto)")
+    serve.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32 on CPU)")
+    serve.add_argument("--loader", choices=LOADERS, default=None, help="transformers (default), awq or gptq")
+    serve.add_argument("--tokenizer", default=None, help="load the tokenizer from here instead")
+    serve.add_argument("--served-model-name", action="append", default=[], help="extra name(s) to answer to")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or LMQL_BACKENDS_API_KEY)")
+    serve.add_argument("--cache-tokens", type=int, default=32768, help="prefix KV cache size in tokens")
+    serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
+
+
+def add_run_parser(commands) -> None:
+    run = commands.add_parser("run", help="run a query file or query text and print the results")
+    run.add_argument("query", help="a .lmql file or the query text itself")
+    run.add_argument("--model", default=None, help="model when the query has no from clause")
+
+
+def parse_passthrough(extra: list[str]) -> dict:
+    """Turn ``--name value`` pairs (or ``--name=value``) into from_pretrained keywords."""
+    kwargs, i = {}, 0
+    while i < len(extra):
+        flag = extra[i]
+        if not flag.startswith("--") or len(flag) < 3:
+            raise InvalidRequestError(f"unexpected argument {flag!r}; pass-through flags look like --name value")
+        name, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise InvalidRequestError(f"flag --{name} needs a value, e.g. --{name} True")
+            value, i = extra[i + 1], i + 1
+        kwargs[name.replace("-", "_")] = parse_flag_value(value)
+        i += 1
+    return kwargs
+
+
+def serve_model(args, extra: list[str]) -> None:
+    from .engine import EngineConfig
+    from .server.app import serve
+
+    engine = EngineConfig(cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
+    serve(
+        args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
+        served_model_names=tuple(args.served_model_name), engine=engine, cuda=args.cuda,
+        dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
+    )
+
+
+def run_query(args) -> None:
+    from pathlib import Path
+
+    from .runtime.api import run_sync
+
+    text = Path(args.query).read_text() if args.query.endswith(".lmql") else args.query
+    kwargs = {"model": args.model} if args.model else {}
+    results = run_sync(text, **kwargs)
+    for result in results if isinstance(results, list) else [results]:
+        print(result.prompt)
+        for name, value in result.variables.items():
+            print(f"  {name} = {value!r}")
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.formatwarning = one_line_warning
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "serve-model":
+            serve_model(args, extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        elif args.command == "run":
+            run_query(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.model)
+    except LmqlBackendsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""The engine: one thread owns the model and runs every request of every backend.
+
+Data flows one way: `submit` puts a request in the inbox → the scheduler admits and plans →
+the runner computes → each sequence's outputs go to its consumer through `emit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator, Callable, Iterator
+
+import torch
+
+from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
+from .prefix_cache import PrefixCache
+from .runner import ModelRunner
+from .sampling import apply_processors, select_token, top_logprobs
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
+
+log = logging.getLogger("lmql_backends.engine")
+
+STATS_WINDOW_SECONDS = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings (the server flags --cache-tokens, --max-num-seqs, --max-queue)."""
+
+    cache_tokens: int = 32768
+    max_num_seqs: int = 32
+    max_queue: int = 256
+    max_prefill_tokens: int = 4096
+    use_prefix_cache: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of what the engine is doing (served at /metrics)."""
+
+    tokens_per_second: float
+    num_generated_tokens: int
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    num_steps: int
+    last_batch_size: int
+    num_running: int
+    num_waiting: int
+    cache_hit_rate: float
+    cache_tokens: int
+    num_failed_requests: int
+
+
+class Engine:
+    """Continuous-batching inference over one loaded model, with a prefix KV cache."""
+
+    def __init__(self, loaded, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.config = config
+        self.runner = ModelRunner(loaded.model)
+        self.cache = PrefixCache(config.cache_tokens)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_queue, config.max_prefill_tokens))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._num_pending = 0
+        self._pending_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._counters = collections.Counter()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._last_batch_size = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lmql-backends-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Cancel everything in flight and stop the engine thread."""
+        self._stopped.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ---- requests --------------------------------------------------------------------
+    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
+        """Validate and enqueue `request`; its outputs are passed to `emit` (any thread)."""
+        self.validate(request)
+        with self._pending_lock:
+            if self._num_pending >= self.config.max_queue + self.config.max_num_seqs:
+                raise OverloadedError(f"the engine is at capacity ({self._num_pending} requests); retry later")
+            self._num_pending += 1
+        if self._stopped.is_set():
+            raise RequestCancelledError("the engine is shutting down")
+        self.start()
+        self._inbox.put(("add", Sequence(request, emit)))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request at the next step (its consumer went away)."""
+        self._inbox.put(("abort", request_id))
+
+    def validate(self, request: Request) -> None:
+        ids, limit = request.prompt_ids, self.loaded.context_length
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token", "prompt")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.loaded.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]!r} is outside the vocabulary [0, {self.loaded.vocab_size})", "prompt"
+            )
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
+            raise InvalidRequestError(f"max_tokens must be an integer >= 0, got {request.max_tokens!r}", "max_tokens")
+        if len(ids) + request.max_tokens > limit:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}, "
+                f"which exceeds the model's context length of {limit} tokens", "max_tokens"
+            )
+        if request.score_from is not None and not 1 <= request.score_from <= len(ids):
+            raise InvalidRequestError(f"score_from must be in [1, {len(ids)}]", "score_from")
+
+    async def stream(self, request: Request) -> AsyncIterator[Output]:
+        """Level two of generation: the typed outputs of `request`, ending with a finish_reason."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def emit(item):
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the consumer's loop is gone
+                self.abort(request.request_id)
+
+        self.submit(request, emit)
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                finished = yield_check(item)
+                yield item
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def stream_sync(self, request: Request, timeout: float | None = None) -> Iterator[Output]:
+        """The same outputs as `stream`, for threads without an event loop."""
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        self.submit(request, outputs.put)
+        finished = False
+        try:
+            while not finished:
+                item = outputs.get(timeout=timeout)
+                finished = yield_check(item)
+                yield item
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    # ---- the engine thread -----------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox(block=not self.scheduler.has_work)
+            if self._stopped.is_set():
+                break
+            try:
+                self._step()
+            except Exception as exc:  # never let the engine thread die
+                log.exception("engine step failed")
+                self._fail(list(self.scheduler.running), exc)
+        self._fail([*self.scheduler.running, *self.scheduler.waiting], RequestCancelledError("the engine stopped"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "add":
+            self.scheduler.waiting.append(payload)
+        elif kind == "abort":
+            seq = self.scheduler.find(payload)
+            if seq is not None:
+                seq.is_aborted = True
+                self._retire(seq)
+
+    def _step(self) -> None:
+        for seq in self.scheduler.admit():
+            self._attach_prefix(seq)
+        plan = self.scheduler.plan()
+        self._counters["steps"] += 1
+        for seq in plan.prefills:
+            self._run_prefill(seq)
+        if plan.decodes:
+            self._run_decode(plan.decodes)
+
+    def _attach_prefix(self, seq: Sequence) -> None:
+        """Reuse the longest cached prefix; always leave at least one token to compute."""
+        request = seq.request
+        limit = len(seq.ids) - 1
+        if request.score_from is not None:
+            limit = min(limit, request.score_from - 1)
+        if not self.config.use_prefix_cache or limit <= 0:
+            return
+        hit = self.cache.lookup(seq.ids, limit)
+        seq.kv, seq.num_computed, seq.num_cached = hit.kv, hit.num_tokens, hit.num_tokens
+
+    def _run_prefill(self, seq: Sequence) -> None:
+        all_logits = seq.num_generated == 0 and seq.request.score_from is not None
+        try:
+            logits, kv = self.runner.prefill(seq.new_ids(), seq.kv, seq.num_computed, all_logits)
+        except Exception as exc:
+            log.exception("prefill failed")
+            return self._fail([seq], exc)
+        self._after_forward(seq, kv, logits)
+
+    def _run_decode(self, seqs: list[Sequence]) -> None:
+        tokens = [seq.ids[-1] for seq in seqs]
+        try:
+            logits, kvs = self.runner.decode(tokens, [s.kv for s in seqs], [s.num_computed for s in seqs])
+        except Exception as exc:
+            log.exception("decode step failed")
+            return self._fail(seqs, exc)
+        self._last_batch_size = len(seqs)
+        for row, seq in enumerate(seqs):
+            self._after_forward(seq, kvs[row], logits[row:row + 1])
+
+    def _after_forward(self, seq: Sequence, kv, logits: torch.Tensor) -> None:
+        first_forward = seq.num_generated == 0 and seq.num_computed < len(seq.request.prompt_ids)
+        self._counters["prompt_tokens" if first_forward else "decode_tokens"] += seq.num_new
+        seq.kv, seq.num_computed = kv, len(seq.ids)
+        try:
+            if first_forward:
+                self._emit_prompt(seq, logits)
+            if not seq.is_finished:
+                self._emit_token(seq, logits[-1])
+        except Exception as exc:
+            log.info("request %s failed: %s", seq.request.request_id, exc)
+            self._fail([seq], exc)
+
+    def _emit_prompt(self, seq: Sequence, logits: torch.Tensor) -> None:
+        request = seq.request
+        self._counters["cached_tokens"] += seq.num_cached
+        out = PromptOutput(len(request.prompt_ids), seq.num_cached)
+        if request.return_logits:
+            out.logits = logits[-1].clone()
+        if request.score_from is not None:
+            out.prompt_logprobs, out.prompt_top_logprobs = score_prompt(seq, logits)
+        if request.max_tokens == 0:
+            out.finish_reason = "length"
+            seq.is_finished = True
+        seq.emit(out)
+        if seq.is_finished:
+            self._retire(seq)
+
+    def _emit_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+        request = seq.request
+        processed = apply_processors(request.processors, seq.ids, logits)
+        token, logprobs = select_token(processed, request.sampling, len(seq.ids))
+        seq.ids.append(token)
+        seq.num_generated += 1
+        self._count_generated(1)
+        reason = finish_reason(seq, token, self.loaded.context_length)
+        seq.is_finished = reason is not None
+        top = top_logprobs(logprobs, request.sampling.num_top_logprobs)
+        seq.emit(TokenOutput(token, float(logprobs[token]), top, reason))
+        if seq.is_finished:
+            self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.retire(seq)
+        with self._pending_lock:
+            self._num_pending -= 1
+        if not seq.is_aborted and seq.kv is not None and self.config.use_prefix_cache:
+            self.cache.insert(seq.ids[:seq.num_computed], seq.kv)
+        seq.kv = None
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        error = exc if isinstance(exc, (EngineError, InvalidRequestError)) or is_user_error(exc) else EngineError(
+            f"the engine failed while running this request: {type(exc).__name__}: {exc}"
+        )
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            seq.is_finished = seq.is_aborted = True
+            self._counters["failed"] += 1
+            self._retire(seq)
+            seq.emit(ErrorOutput(error))
+
+    def _count_generated(self, n: int) -> None:
+        now = time.monotonic()
+        self._counters["generated"] += n
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - STATS_WINDOW_SECONDS:
+            self._recent.popleft()
+
+    # ---- observability ---------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if t >= now - STATS_WINDOW_SECONDS]
+        span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+        return EngineStats(
+            tokens_per_second=sum(n for _, n in recent) / span if span > 0 else 0.0,
+            num_generated_tokens=self._counters["generated"],
+            num_prompt_tokens=self._counters["prompt_tokens"],
+            num_cached_prompt_tokens=self._counters["cached_tokens"],
+            num_steps=self._counters["steps"],
+            last_batch_size=self._last_batch_size,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            cache_hit_rate=self.cache.hit_rate,
+            cache_tokens=self.cache.num_tokens,
+            num_failed_requests=self._counters["failed"],
+        )
+
+
+def yield_check(item: Output) -> bool:
+    """Whether `item` ends its stream; raises the error of an ErrorOutput."""
+    if isinstance(item, ErrorOutput):
+        raise item.error
+    return item.finish_reason is not None
+
+
+def is_user_error(exc: Exception) -> bool:
+    from ..errors import ConstraintError
+
+    return isinstance(exc, ConstraintError)
+
+
+def finish_reason(seq: Sequence, token: int, context_length: int) -> str | None:
+    if token in seq.request.stop_token_ids:
+        return "stop"
+    if seq.num_generated >= seq.request.max_tokens or len(seq.ids) >= context_length:
+        return "length"
+    return None
+
+
+def score_prompt(seq: Sequence, logits: torch.Tensor):
+    """Raw log-probabilities of the prompt tokens from score_from on (logits cover new ids)."""
+    request, start = seq.request, seq.num_cached
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = request.prompt_ids
+    scores, tops = [], []
+    for i in range(request.score_from, len(ids)):
+        row = logprobs[i - 1 - start]
+        scores.append(float(row[ids[i]]))
+        tops.append(top_logprobs(row, request.sampling.num_top_logprobs))
+    return scores, tops

@@ -1,0 +1,152 @@
+"""Prefix KV cache: keeps the keys/values of recently run token sequences.
+
+A lookup returns the KV of the longest stored prefix of the asked ids. Stored sequences are
+indexed by chained hashes of their full 16-token blocks (as in vLLM); the match is then
+extended token by token inside the best entry, so any prefix length can hit. The KV of a
+prefix of a stored sequence is a slice of that sequence's KV, so storing a sequence that
+extends an entry replaces the entry. Memory is bounded by `max_tokens` (least recently used
+entries are evicted). Stored tensors are never written to, so entries can be shared safely.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+
+from .sequence import KVCache
+
+BLOCK_SIZE = 16
+
+
+@dataclasses.dataclass(eq=False)
+class CacheEntry:
+    ids: tuple[int, ...]
+    kv: KVCache
+    block_hashes: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheHit:
+    num_tokens: int
+    kv: KVCache | None
+
+
+def block_hashes(ids, num_blocks: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of `ids` (each hash covers the whole prefix)."""
+    count = len(ids) // BLOCK_SIZE if num_blocks is None else num_blocks
+    hashes, previous = [], 0
+    for b in range(count):
+        previous = hash((previous, tuple(ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])))
+        hashes.append(previous)
+    return hashes
+
+
+def common_prefix_length(a, b, start: int = 0) -> int:
+    n = min(len(a), len(b))
+    i = start
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def slice_kv(kv: KVCache, length: int) -> KVCache:
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
+
+
+class PrefixCache:
+    """LRU cache of token-sequence KV, bounded by the number of stored tokens."""
+
+    def __init__(self, max_tokens: int = 32768):
+        self.max_tokens = max_tokens
+        self.entries: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
+        self.by_block: dict[int, set[int]] = collections.defaultdict(set)
+        self.by_first_token: dict[int, set[int]] = collections.defaultdict(set)
+        self.num_tokens = 0
+        self.num_lookups = self.num_hits = self.num_hit_tokens = self.num_lookup_tokens = 0
+        self._keys = itertools.count()
+
+    def lookup(self, ids, max_length: int) -> CacheHit:
+        """KV of the longest stored prefix of ids[:max_length] (sliced views, read only)."""
+        self.num_lookups += 1
+        self.num_lookup_tokens += len(ids)
+        key, length = self._best_match(ids, max_length)
+        if key is None or length == 0:
+            return CacheHit(0, None)
+        self.entries.move_to_end(key)
+        self.num_hits += 1
+        self.num_hit_tokens += length
+        return CacheHit(length, slice_kv(self.entries[key].kv, length))
+
+    def _best_match(self, ids, max_length: int) -> tuple[int | None, int]:
+        candidates = self._candidates(ids, max_length)
+        best_key, best_length = None, 0
+        for key, start in candidates:
+            length = common_prefix_length(self.entries[key].ids, ids[:max_length], start)
+            if length > best_length:
+                best_key, best_length = key, length
+        return best_key, best_length
+
+    def _candidates(self, ids, max_length: int) -> list[tuple[int, int]]:
+        """Entries sharing the most full blocks with `ids`, with the length known to match."""
+        keys, matched = set(), 0
+        for b, h in enumerate(block_hashes(ids[:max_length])):
+            hit = self.by_block.get(h)
+            if not hit:
+                break
+            keys, matched = hit, (b + 1) * BLOCK_SIZE
+        if not keys and ids:
+            keys = self.by_first_token.get(ids[0], set())
+        return [(key, matched) for key in keys]
+
+    def insert(self, ids, kv: KVCache) -> None:
+        """Store the KV of `ids`, replacing stored entries that are prefixes of it."""
+        ids = tuple(ids)
+        if len(ids) == 0 or len(ids) > self.max_tokens:
+            return
+        for key, start in self._candidates(ids, len(ids)):
+            entry = self.entries[key]
+            if common_prefix_length(entry.ids, ids, start) == len(entry.ids):
+                self._remove(key)
+        entry = CacheEntry(ids, [(own(k), own(v)) for k, v in kv], tuple(block_hashes(ids)))
+        self._add(entry)
+        self._evict()
+
+    def _add(self, entry: CacheEntry) -> None:
+        key = next(self._keys)
+        self.entries[key] = entry
+        for h in entry.block_hashes:
+            self.by_block[h].add(key)
+        self.by_first_token[entry.ids[0]].add(key)
+        self.num_tokens += len(entry.ids)
+
+    def _remove(self, key: int) -> None:
+        entry = self.entries.pop(key)
+        for h in entry.block_hashes:
+            self._discard(self.by_block, h, key)
+        self._discard(self.by_first_token, entry.ids[0], key)
+        self.num_tokens -= len(entry.ids)
+
+    @staticmethod
+    def _discard(index: dict, h: int, key: int) -> None:
+        index[h].discard(key)
+        if not index[h]:
+            del index[h]
+
+    def _evict(self) -> None:
+        while self.num_tokens > self.max_tokens and self.entries:
+            self._remove(next(iter(self.entries)))
+
+    def clear(self) -> None:
+        for key in list(self.entries):
+            self._remove(key)
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of looked-up tokens that were served from the cache."""
+        return self.num_hit_tokens / self.num_lookup_tokens if self.num_lookup_tokens else 0.0
+
+
+def own(tensor):
+    """A tensor that does not keep a larger batch tensor alive."""
+    return tensor.clone() if tensor._base is not None else tensor

@@ -1,0 +1,85 @@
+"""The scheduler: decides which sequences run in the next engine step.
+
+New sequences wait in a bounded queue; up to `max_num_seqs` run at once. Every step runs the
+prompts of newly admitted sequences (prefill, within a token budget) and one batched decode
+step for every running sequence that has exactly one token to compute.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from ..errors import OverloadedError
+from .sequence import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of the scheduler."""
+
+    max_num_seqs: int = 32
+    max_queue: int = 256
+    max_prefill_tokens: int = 4096
+
+
+@dataclasses.dataclass
+class StepPlan:
+    prefills: list[Sequence]
+    decodes: list[Sequence]
+
+
+class Scheduler:
+    """Holds waiting and running sequences; admits, plans and retires them."""
+
+    def __init__(self, config: SchedulerConfig = SchedulerConfig()):
+        self.config = config
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_queue:
+            raise OverloadedError(
+                f"the request queue is full ({self.config.max_queue} waiting); retry later", 1.0
+            )
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into the running set while there is room."""
+        admitted = []
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def plan(self) -> StepPlan:
+        """Prefill the sequences with several new tokens (budgeted); decode the rest together."""
+        prefills, decodes, budget = [], [], self.config.max_prefill_tokens
+        for seq in self.running:
+            if seq.num_new == 1:
+                decodes.append(seq)
+            elif seq.num_new > 1 and (budget > 0 or not prefills):
+                prefills.append(seq)
+                budget -= seq.num_new
+        return StepPlan(prefills, decodes)
+
+    def retire(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in [*self.running, *self.waiting]:
+            if seq.request.request_id == request_id:
+                return seq
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.running) + len(self.waiting)

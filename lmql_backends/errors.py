@@ -1,0 +1,104 @@
+"""Every exception lmql-backends raises on purpose, in one place.
+
+Hierarchy::
+
+    LmqlBackendsError                 base of everything below
+    ├── InvalidRequestError           a request or argument has a bad value (HTTP 400); names it
+    │   ├── ContextLengthError        prompt + max_tokens exceed the model's context length
+    │   └── QuerySyntaxError          a query does not parse; carries line and column
+    ├── ModelNotFoundError            a request names a model this server does not serve (HTTP 404)
+    ├── AuthenticationError           missing or wrong API key (HTTP 401)
+    ├── OverloadedError               the request queue is full (HTTP 429 / 503, with Retry-After)
+    ├── ModelLoadError                the shared loader could not load a model
+    │   └── MissingExtraError         an optional package is missing; says which extra to install
+    ├── ConstraintError               constraints cannot be satisfied (no allowed token)
+    ├── EngineError                   the engine failed while running a request (HTTP 500)
+    │   └── RequestCancelledError     the request was aborted (client gone, shutdown)
+    └── BackendError                  a client could not talk to a server
+        ├── BackendUnavailableError   server down or unreachable; names the endpoint and how to start it
+        ├── BackendTimeoutError       no answer within chunk_timeout
+        └── BackendResponseError      the server answered with an error status
+"""
+
+from __future__ import annotations
+
+
+class LmqlBackendsError(Exception):
+    """Base class of every error raised by lmql-backends."""
+
+
+class InvalidRequestError(LmqlBackendsError, ValueError):
+    """A request or argument has a bad value; `param` names it when known."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt plus the tokens to generate do not fit in the model's context."""
+
+
+class QuerySyntaxError(InvalidRequestError):
+    """A query does not parse; `line` and `column` are 1-based."""
+
+    def __init__(self, message: str, line: int | None = None, column: int | None = None):
+        where = f" (line {line}, column {column})" if line is not None else ""
+        super().__init__(message + where)
+        self.line, self.column = line, column
+
+
+class ModelNotFoundError(LmqlBackendsError):
+    """A request names a model that this server does not serve."""
+
+
+class AuthenticationError(LmqlBackendsError):
+    """The API key is missing or wrong."""
+
+
+class OverloadedError(LmqlBackendsError):
+    """The request queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelLoadError(LmqlBackendsError):
+    """The shared loader could not load a model."""
+
+
+class MissingExtraError(ModelLoadError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+class ConstraintError(LmqlBackendsError):
+    """The constraints of a query leave no token to choose."""
+
+
+class EngineError(LmqlBackendsError):
+    """The engine failed while running a request."""
+
+
+class RequestCancelledError(EngineError):
+    """The request was aborted before it finished."""
+
+
+class BackendError(LmqlBackendsError):
+    """A runtime client could not get an answer from a server."""
+
+
+class BackendUnavailableError(BackendError):
+    """The server cannot be reached; the message names the endpoint and how to start it."""
+
+
+class BackendTimeoutError(BackendError):
+    """The server gave no answer within the client's chunk_timeout."""
+
+
+class BackendResponseError(BackendError):
+    """The server answered with an error status."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status

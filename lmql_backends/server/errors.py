@@ -1,0 +1,41 @@
+"""The one table mapping exceptions to HTTP status codes and OpenAI-style error bodies."""
+
+from __future__ import annotations
+
+from ..errors import (
+    AuthenticationError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError,
+    ModelNotFoundError, OverloadedError, RequestCancelledError,
+)
+
+# (exception class, HTTP status, OpenAI error type, OpenAI error code); first match wins.
+ERROR_TABLE = [
+    (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (InvalidRequestError, 400, "invalid_request_error", None),
+    (ConstraintError, 400, "invalid_request_error", "unsatisfiable_constraints"),
+    (AuthenticationError, 401, "invalid_request_error", "invalid_api_key"),
+    (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (OverloadedError, 429, "rate_limit_error", "queue_full"),
+    (RequestCancelledError, 503, "server_error", "request_cancelled"),
+    (EngineError, 500, "server_error", "engine_error"),
+]
+
+
+def classify(exc: BaseException) -> tuple[int, str, str | None]:
+    """HTTP status, error type and code for `exc` (unknown exceptions are 500 server errors)."""
+    for cls, status, kind, code in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return status, kind, code
+    return 500, "server_error", None
+
+
+def openai_error_body(exc: BaseException) -> dict:
+    """``{"error": {"message", "type", "param", "code"}}`` for `exc`."""
+    _, kind, code = classify(exc)
+    return {"error": {"message": str(exc), "type": kind, "param": getattr(exc, "param", None), "code": code}}
+
+
+def error_headers(exc: BaseException) -> dict[str, str]:
+    """Extra headers: Retry-After for overload."""
+    if isinstance(exc, OverloadedError):
+        return {"Retry-After": str(max(1, round(exc.retry_after)))}
+    return {}

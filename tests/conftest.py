@@ -1,0 +1,76 @@
+"""Shared fixtures: the embedded model, config-built models in temp dirs, servers on loopback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from lmql_backends.models import TINY_MODEL_DIR, TINY_MODEL_NAME
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The name of the embedded model."""
+    return TINY_MODEL_NAME
+
+
+def build_model_dir(path, architecture: str) -> str:
+    """A random-weight model of `architecture` built from a config, with the tiny tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(1234)
+    if architecture == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=512, **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+            intermediate_size=128, max_position_embeddings=512, **ids,
+        ))
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (TINY_MODEL_DIR / name).exists():
+            shutil.copy(TINY_MODEL_DIR / name, path / name)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def gpt2_model_dir(tmp_path_factory) -> str:
+    """Path of a random-weight GPT-2-architecture model built from a config."""
+    return build_model_dir(tmp_path_factory.mktemp("gpt2-random"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_model_dir(tmp_path_factory) -> str:
+    """Path of a random-weight Llama-architecture model built from a config."""
+    return build_model_dir(tmp_path_factory.mktemp("llama-random"), "llama")
+
+
+@pytest.fixture(scope="session")
+def new_server(tiny_model):
+    """The embedded model behind the new (OpenAI-like) API on a free loopback port."""
+    from lmql_backends.server.app import serve
+
+    handle = serve(tiny_model, port=0, background=True)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def legacy_server(tiny_model):
+    """The embedded model behind the legacy API on a free loopback port."""
+    from lmql_backends.server.app import serve
+
+    handle = serve(tiny_model, port=0, legacy=True, background=True)
+    yield handle
+    handle.stop()

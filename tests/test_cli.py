@@ -1,0 +1,119 @@
+"""The lmql-backends command: pass-through flags, and serve-model as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from lmql_backends.cli import parse_passthrough
+from lmql_backends.errors import InvalidRequestError
+
+
+def test_passthrough_flags_are_typed():
+    extra = ["--trust_remote_code", "True", "--max_memory", '{"0": "20GiB"}', "--revision=main", "--top-k", "3"]
+    assert parse_passthrough(extra) == {
+        "trust_remote_code": True, "max_memory": {"0": "20GiB"}, "revision": "main", "top_k": 3,
+    }
+
+
+def test_passthrough_flag_without_value_is_an_error_naming_it():
+    with pytest.raises(InvalidRequestError, match="--trust_remote_code"):
+        parse_passthrough(["--trust_remote_code"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve-model exited early: {process.stdout.read()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"serve-model did not open port {port}")
+
+
+@pytest.fixture
+def serve_model(tiny_model):
+    """Start `lmql-backends serve-model` in a subprocess; yields (port, process); stops it."""
+    processes = []
+
+    def start(*flags):
+        port = free_port()
+        cmd = [sys.executable, "-m", "lmql_backends.cli", "serve-model", tiny_model, "--port", str(port), *flags]
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        processes.append(process)
+        wait_for_port(port, process)
+        return port, process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.mark.timeout(180)
+def test_serve_model_streams_openai_chunks_ending_in_done(serve_model, tiny_model):
+    port, process = serve_model()
+    body = {"model": tiny_model, "prompt": "Hello", "max_tokens": 5, "stream": True, "logprobs": 3}
+    with requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks if c["choices"]) == 5
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert all(len(c["choices"][0]["logprobs"]["top_logprobs"][0]) == 3 for c in chunks if c["choices"])
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(180)
+def test_serve_model_legacy_forward_then_results(serve_model, tiny_model):
+    port, process = serve_model("--legacy")
+    from transformers import AutoTokenizer
+
+    from lmql_backends.models import TINY_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    ids = [tokenizer.bos_token_id, *tokenizer("Hello", add_special_tokens=False).input_ids]
+    body = {"action": "forward", "input_ids": [ids], "attention_mask": None,
+            "model_identifier": tiny_model, "client_id": "cli-test", "sample_id": 7}
+    queued = requests.post(f"http://127.0.0.1:{port}/queue", json=body, timeout=30)
+    assert queued.status_code == 200 and queued.json() == {"sample_id": 7}
+    results, deadline = [], time.monotonic() + 30
+    while not results and time.monotonic() < deadline:
+        results = requests.get(f"http://127.0.0.1:{port}/results/cli-test", timeout=30).json()
+        time.sleep(0.05)
+    assert results[0]["sample_id"] == 7
+    logits = results[0]["next_token_logits"]
+    assert len(logits) == 1 and len(logits[0]) >= len(tokenizer)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(120)
+def test_cuda_flag_without_gpu_warns_and_serves(serve_model):
+    env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    port, process = serve_model("--cuda")
+    assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert "no GPU is available" in output
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == env_before
