@@ -51,6 +51,10 @@ class QuerySyntaxError(InvalidRequestError):
 class ModelNotFoundError(LmqlBackendsError):
     """A request names a model that this server does not serve."""
 
+    def __init__(self, message: str, param: str | None = "model"):
+        super().__init__(message)
+        self.param = param
+
 
 class AuthenticationError(LmqlBackendsError):
     """The API key is missing or wrong."""

@@ -152,7 +152,7 @@ class ServerHandle:
         self._loop.run_forever()
 
     async def _start_site(self) -> None:
-        self._runner = web.AppRunner(make_app(self.state), handle_signals=False)
+        self._runner = web.AppRunner(make_app(self.state), handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.state.config.host, self.state.config.port)
         await site.start()
@@ -187,5 +187,5 @@ def serve(
     if background:
         return ServerHandle(state).start()
     print(f"serving {model} ({'legacy' if legacy else 'OpenAI-compatible'} API) on http://{host}:{port}", flush=True)
-    web.run_app(make_app(state), host=host, port=port, print=None)
+    web.run_app(make_app(state), host=host, port=port, print=None, handler_cancellation=True)
     return None
