@@ -121,7 +121,7 @@ def _load_uncached(name: str, options: LoadOptions) -> LoadedModel:
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     model.eval()
     loaded = make_loaded_model(name, model, load_tokenizer(name, options.tokenizer))
-    log.info(describe(loaded))
+    log.debug(describe(loaded))
     return loaded
 
 
