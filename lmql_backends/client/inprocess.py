@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
 
 import torch
@@ -19,8 +20,18 @@ def shared_engine(loaded: LoadedModel, config: EngineConfig = EngineConfig()) ->
     """The one engine of this process for `loaded` (created on first use)."""
     with _engines_lock:
         if id(loaded) not in _engines:
+            if not _engines:
+                atexit.register(stop_shared_engines)
             _engines[id(loaded)] = Engine(loaded, config).start()
         return _engines[id(loaded)]
+
+
+def stop_shared_engines() -> None:
+    """Stop the engine threads before the interpreter exits (never exit inside a forward pass)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.stop()
+        _engines.clear()
 
 
 class InProcessClient(LMClient):

@@ -152,7 +152,7 @@ class ServerHandle:
         self._loop.run_forever()
 
     async def _start_site(self) -> None:
-        self._runner = web.AppRunner(make_app(self.state), handle_signals=False, handler_cancellation=True)
+        self._runner = web.AppRunner(make_app(self.state), handle_signals=False, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.state.config.host, self.state.config.port)
         await site.start()

@@ -1,0 +1,432 @@
+"""Decoders: ``argmax``, ``sample`` and ``beam`` over the query program, through an LMClient only.
+
+Every model call goes through the `LMClient` interface, so a query gives the same result on
+every backend. Argmax and sampling generate a variable in chunks: the mask of the current state
+(``mask0``) is sent with ``generate(..., max_tokens=chunksize)``; a returned token after the
+first is kept only while the mask recomputed before it equals ``mask0`` (so it is exactly the
+token a per-token decode would choose) and the variable has not ended; when the mask is known
+to change after every token (``X in options``, ``len(X) < N``, the first INT token) one token
+is asked for, and no more than a ``len(TOKENS(X))`` bound leaves; this changes no result, it
+only avoids generating tokens that would be discarded. Beam search keeps the
+`n` best partial programs (sum of token log-probabilities, ties broken by token ids) and
+replays the program to reach each beam's next hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import secrets
+from typing import Any, Sequence
+
+from ..client.base import MAX_TOP_TOKENS, LMClient
+from ..engine.sampling import SamplingParams
+from ..errors import BackendError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError
+from ..language.parser import DistributionClause, Query
+from ..language.program import FilledHole, HoleContext, ProgramTrace, StopProgram
+from .constraints import ConstraintSet, Progress, VariableConstraints, VariableRecord, compile_constraints
+from .masks import same_mask
+from .result import QueryResult
+from .tokens import TokenTable, prompt_ids, token_table
+
+COMMON_ARGUMENTS = ("max_len", "chunksize", "chunk_timeout", "backend")
+DECODER_ARGUMENTS = {
+    "argmax": COMMON_ARGUMENTS,
+    "sample": COMMON_ARGUMENTS + ("n", "temperature", "seed", "top_p"),
+    "beam": COMMON_ARGUMENTS + ("n",),
+}
+DEFAULT_MAX_LEN = 2048
+
+
+# ---- decoder settings --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder and its arguments (validated by `make_decoder`)."""
+
+    name: str = "argmax"
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_len: int = DEFAULT_MAX_LEN
+    chunksize: int = 16
+    chunk_timeout: float = 30.0
+    backend: str | None = None
+
+
+def make_decoder(name: str, **arguments: Any) -> DecoderSpec:
+    """A validated decoder: ``make_decoder("sample", n=2, temperature=0.8)``."""
+    if name not in DECODER_ARGUMENTS:
+        raise InvalidRequestError(f"unknown decoder {name!r}; use one of {', '.join(DECODER_ARGUMENTS)}", "decoder")
+    unknown = sorted(set(arguments) - set(DECODER_ARGUMENTS[name]))
+    if unknown:
+        raise InvalidRequestError(
+            f"{name} does not take {', '.join(unknown)}; it takes {', '.join(DECODER_ARGUMENTS[name])}", unknown[0]
+        )
+    defaults = {"temperature": 1.0} if name == "sample" else {}
+    spec = DecoderSpec(name, **{**defaults, **arguments})
+    check_decoder(spec)
+    return spec
+
+
+def argmax(**arguments: Any) -> DecoderSpec:
+    """The most likely token at every step."""
+    return make_decoder("argmax", **arguments)
+
+
+def sample(**arguments: Any) -> DecoderSpec:
+    """`n` seeded samples: ``sample(n=2, temperature=0.8, seed=1, top_p=1.0)``."""
+    return make_decoder("sample", **arguments)
+
+
+def beam(**arguments: Any) -> DecoderSpec:
+    """Beam search keeping the `n` best partial queries: ``beam(n=4)``."""
+    return make_decoder("beam", **arguments)
+
+
+def check_decoder(spec: DecoderSpec) -> None:
+    check_int("n", spec.n, 1, MAX_TOP_TOKENS if spec.name == "beam" else None)
+    check_int("max_len", spec.max_len, 1)
+    check_int("chunksize", spec.chunksize, 1)
+    if spec.seed is not None:
+        check_int("seed", spec.seed, 0)
+    if not isinstance(spec.temperature, (int, float)) or not spec.temperature >= 0:
+        raise InvalidRequestError(f"temperature must be a number >= 0, got {spec.temperature!r}", "temperature")
+    if not isinstance(spec.top_p, (int, float)) or not 0 < spec.top_p <= 1:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {spec.top_p!r}", "top_p")
+    if not isinstance(spec.chunk_timeout, (int, float)) or not spec.chunk_timeout > 0:
+        raise InvalidRequestError(f"chunk_timeout must be > 0 seconds, got {spec.chunk_timeout!r}", "chunk_timeout")
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise InvalidRequestError(f"{name} must be an integer {bound}, got {value!r}", name)
+
+
+# ---- one query on one client -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class QuerySession:
+    """Everything the decoders share while running one query."""
+
+    query: Query
+    client: LMClient
+    table: TokenTable
+    constraints: ConstraintSet
+    spec: DecoderSpec
+    inputs: dict[str, Any]
+    limit: int
+    context_length: int | None
+
+    @property
+    def distribution(self) -> DistributionClause | None:
+        return self.query.distribution
+
+    def is_distribution(self, hole: HoleContext) -> bool:
+        return self.distribution is not None and hole.variable == self.distribution.variable
+
+    def start_variable(self, hole: HoleContext, records: dict[str, VariableRecord]):
+        """The bound constraints and context ids of a variable that starts now."""
+        ids = self.context_ids(hole.prompt)
+        return self.constraints.bind(hole.variable, records, hole.scope, self.table), tuple(ids)
+
+    def context_ids(self, text: str) -> list[int]:
+        ids = prompt_ids(self.client.tokenizer, text, self.client.bos_token_id)
+        if self.context_length is not None and len(ids) > self.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens, more than the model's context length of {self.context_length}",
+                "prompt",
+            )
+        return ids
+
+    def finish_variable(self, hole: HoleContext, progress: Progress, records: dict[str, VariableRecord]) -> FilledHole:
+        """Record a finished variable; its Python value is an int for INT variables."""
+        text = progress.text
+        value = self.typed_value(hole.variable, text, progress)
+        records[hole.variable] = VariableRecord(text, value, progress.num_tokens)
+        filled = FilledHole(text, value)
+        if progress.finish_reason == "length":
+            raise StopProgram(filled)
+        return filled
+
+    def typed_value(self, variable: str, text: str, progress: Progress) -> Any:
+        if variable not in self.constraints.int_variables:
+            return text
+        if text.strip().isdigit():
+            return int(text.strip())
+        if progress.finish_reason == "length":
+            return None
+        raise ConstraintError(f"INT variable {variable} ended as {text!r}, which is not an integer")
+
+    async def fill_distribution(self, hole: HoleContext, records: dict[str, VariableRecord]):
+        """Score the distribution options after the prompt; the value is the most likely one."""
+        scope = {**hole.scope, **{name: r.value for name, r in records.items()}}
+        options = distribution_options(self.distribution.values.evaluate(scope), hole.variable)
+        scores = await score_options(self.client, self.context_ids(hole.prompt), options)
+        best = max(range(len(scores)), key=lambda i: scores[i].probability)
+        return FilledHole(options[best], options[best]), scores
+
+
+def distribution_options(values: Any, variable: str) -> list[str]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise InvalidRequestError(f"distribution {variable} in ...: the options must be a list of strings", variable)
+    options = [str(v) for v in values]
+    if not options:
+        raise InvalidRequestError(f"distribution {variable} in ...: the list of options is empty", variable)
+    return options
+
+
+async def open_session(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict[str, Any]) -> QuerySession:
+    """Prepare a query on `client`: token table, compiled constraints, length limit."""
+    connect = getattr(client, "connect", None)
+    if connect is not None:  # HTTP clients learn the context length from the server
+        await connect()
+    context_length = getattr(client, "context_length", None)
+    limit = min(spec.max_len, context_length) if context_length else spec.max_len
+    holes = query.prompt.hole_names
+    constraints = compile_constraints(query.where, holes, query.prompt.int_variables)
+    return QuerySession(query, client, token_table(client.tokenizer), constraints, spec, inputs, limit, context_length)
+
+
+async def decode(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict[str, Any]):
+    """Run `query` with decoder `spec`: one QueryResult when n == 1, else a list."""
+    session = await open_session(query, client, spec, inputs)
+    if spec.name == "beam":
+        results = await run_beam(session)
+    else:
+        seed = spec.seed if spec.seed is not None else secrets.randbits(31)
+        runs = [run_sampled(session, sampling_params(spec, seed + i)) for i in range(spec.n)]
+        results = list(await asyncio.gather(*runs))
+    return results[0] if spec.n == 1 else results
+
+
+def sampling_params(spec: DecoderSpec, seed: int) -> SamplingParams:
+    if spec.name == "argmax":
+        return SamplingParams()
+    return SamplingParams(temperature=float(spec.temperature), top_p=float(spec.top_p), seed=seed)
+
+
+# ---- argmax and sampling ---------------------------------------------------------------------------
+
+class GeneratingFiller:
+    """Fills each hole by generating it (argmax or seeded sampling)."""
+
+    def __init__(self, session: QuerySession, sampling: SamplingParams):
+        self.session, self.sampling = session, sampling
+        self.records: dict[str, VariableRecord] = {}
+        self.distribution: list[OptionScore] | None = None
+
+    async def __call__(self, hole: HoleContext) -> FilledHole:
+        if self.session.is_distribution(hole):
+            filled, self.distribution = await self.session.fill_distribution(hole, self.records)
+            return filled
+        constraints, ids = self.session.start_variable(hole, self.records)
+        progress = await generate_variable(self.session, constraints, ids, self.sampling)
+        return self.session.finish_variable(hole, progress, self.records)
+
+
+async def run_sampled(session: QuerySession, sampling: SamplingParams) -> QueryResult:
+    filler = GeneratingFiller(session, sampling)
+    trace = await session.query.prompt.execute(session.inputs, filler)
+    return make_result(trace, session.distribution, filler.distribution)
+
+
+async def generate_variable(session: QuerySession, constraints: VariableConstraints, ids: Sequence[int],
+                            sampling: SamplingParams) -> Progress:
+    """Generate one variable to its end, chunk by chunk."""
+    progress = Progress()
+    while not progress.is_finished:
+        progress = await generate_chunk(session, constraints, ids, progress, sampling)
+    return progress
+
+
+async def generate_chunk(session: QuerySession, constraints: VariableConstraints, ids: Sequence[int],
+                         progress: Progress, sampling: SamplingParams) -> Progress:
+    """One `generate` call under the current mask, keeping the tokens that mask is valid for."""
+    remaining = session.limit - len(ids) - progress.num_tokens
+    if remaining <= 0:
+        return progress.end("length")
+    step = constraints.step(progress)
+    if step.is_forced_end:
+        return progress.end("forced")
+    context = list(ids) + list(progress.token_ids)
+    max_tokens = min(session.spec.chunksize, remaining, step.useful_tokens or remaining)
+    choices = await session.client.generate(context, step.mask, max_tokens, sampling)
+    if not choices:
+        raise BackendError(f"the backend returned no token for {constraints.variable}; expected at least one")
+    return accept_tokens(constraints, progress, step.mask, [c.token_id for c in choices])
+
+
+def accept_tokens(constraints: VariableConstraints, progress: Progress, mask0, token_ids: Sequence[int]) -> Progress:
+    """Apply returned tokens while the mask before each one equals `mask0`; drop the rest."""
+    for j, token_id in enumerate(token_ids):
+        if j > 0:
+            if progress.is_finished:
+                break
+            step = constraints.step(progress)
+            if step.is_forced_end:
+                return progress.end("forced")
+            if not same_mask(step.mask, mask0):
+                break
+        check_allowed(mask0, token_id, constraints.variable)
+        progress = constraints.advance(progress, token_id)
+    return progress
+
+
+def check_allowed(mask, token_id: int, variable: str) -> None:
+    if mask is not None and not (0 <= token_id < mask.shape[0] and bool(mask[token_id])):
+        raise BackendError(f"the backend returned token {token_id} for {variable}, which the mask does not allow")
+
+
+# ---- beam search -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PendingHole:
+    """The hole a beam is generating: its context ids, constraints and progress."""
+
+    hole: HoleContext
+    constraints: VariableConstraints
+    ids: tuple[int, ...]
+    progress: Progress = Progress()
+
+
+@dataclasses.dataclass(frozen=True)
+class Beam:
+    """A partial (or finished) run of the program."""
+
+    holes: tuple[Progress, ...] = ()
+    score: float = 0.0
+    token_ids: tuple[int, ...] = ()
+    pending: PendingHole | None = None
+    result: QueryResult | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.result is not None
+
+    def sort_key(self):
+        return (-self.score, self.token_ids)
+
+
+class _Suspended(Exception):
+    """Raised by the replay filler at the first hole a beam has not generated yet."""
+
+    def __init__(self, pending: PendingHole):
+        super().__init__("beam suspended at a hole")
+        self.pending = pending
+
+
+class ReplayFiller:
+    """Fills holes with a beam's finished values, and suspends at the next one."""
+
+    def __init__(self, session: QuerySession, holes: tuple[Progress, ...]):
+        self.session, self.holes = session, holes
+        self.records: dict[str, VariableRecord] = {}
+        self.distribution: list[OptionScore] | None = None
+        self.index = 0
+
+    async def __call__(self, hole: HoleContext) -> FilledHole:
+        if self.session.is_distribution(hole):
+            filled, self.distribution = await self.session.fill_distribution(hole, self.records)
+            return filled
+        if self.index < len(self.holes):
+            self.index += 1
+            return self.session.finish_variable(hole, self.holes[self.index - 1], self.records)
+        constraints, ids = self.session.start_variable(hole, self.records)
+        raise _Suspended(PendingHole(hole, constraints, ids))
+
+
+async def replay(session: QuerySession, beam: Beam) -> Beam:
+    """Run the program with the beam's finished holes up to its next hole (or to the end)."""
+    filler = ReplayFiller(session, beam.holes)
+    try:
+        trace = await session.query.prompt.execute(session.inputs, filler)
+    except _Suspended as suspended:
+        return dataclasses.replace(beam, pending=suspended.pending)
+    if filler.index != len(beam.holes):
+        raise EngineError("the query's holes changed between replays; beam search needs a deterministic prompt")
+    return dataclasses.replace(beam, pending=None, result=make_result(trace, session.distribution, filler.distribution))
+
+
+async def complete_hole(session: QuerySession, beam: Beam, progress: Progress) -> Beam:
+    return await replay(session, dataclasses.replace(beam, holes=beam.holes + (progress,), pending=None))
+
+
+async def expand(session: QuerySession, beam: Beam) -> list[Beam]:
+    """The children of a live beam: one per top token (or the end of its variable)."""
+    pending = beam.pending
+    progress = pending.progress
+    if session.limit - len(pending.ids) - progress.num_tokens <= 0:
+        return [await complete_hole(session, beam, progress.end("length"))]
+    step = pending.constraints.step(progress)
+    if step.is_forced_end:
+        return [await complete_hole(session, beam, progress.end("forced"))]
+    context = list(pending.ids) + list(progress.token_ids)
+    choices = await session.client.top_tokens(context, step.mask, min(session.spec.n, MAX_TOP_TOKENS))
+    children = [make_child(pending, beam, c.token_id, c.logprob, step.mask) for c in choices]
+    return [await complete_hole(session, child, child.pending.progress) if child.pending.progress.is_finished
+            else child for child in children]
+
+
+def make_child(pending: PendingHole, beam: Beam, token_id: int, logprob: float, mask) -> Beam:
+    check_allowed(mask, token_id, pending.constraints.variable)
+    progress = pending.constraints.advance(pending.progress, token_id)
+    return dataclasses.replace(
+        beam, score=beam.score + logprob, token_ids=beam.token_ids + (token_id,),
+        pending=dataclasses.replace(pending, progress=progress),
+    )
+
+
+async def run_beam(session: QuerySession) -> list[QueryResult]:
+    """Beam search over whole runs of the program; the `n` best results, best first."""
+    beams = [await replay(session, Beam())]
+    while any(not b.is_finished for b in beams):
+        live = [b for b in beams if not b.is_finished]
+        expansions = await asyncio.gather(*(expand(session, b) for b in live))
+        pool = [b for b in beams if b.is_finished] + [child for children in expansions for child in children]
+        beams = sorted(pool, key=Beam.sort_key)[:session.spec.n]
+    return [b.result for b in beams]
+
+
+# ---- scoring (the distribution clause and `score`) ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OptionScore:
+    """An option, its mean token log-probability, and its softmax-normalised probability."""
+
+    option: str
+    mean_logprob: float
+    probability: float
+    logprob: float
+
+
+async def score_options(client: LMClient, context_ids: Sequence[int], options: Sequence[str]) -> list[OptionScore]:
+    """Score each option after `context_ids` by its mean token log-probability, then softmax."""
+    means = await asyncio.gather(*(mean_logprob(client, context_ids, option) for option in options))
+    normaliser = log_sum_exp(means)
+    return [OptionScore(o, m, math.exp(m - normaliser), m - normaliser) for o, m in zip(options, means)]
+
+
+async def mean_logprob(client: LMClient, context_ids: Sequence[int], option: str) -> float:
+    option_ids = list(client.tokenizer(option, add_special_tokens=False).input_ids)
+    if not option_ids:
+        raise InvalidRequestError(f"the option {option!r} has no tokens; options must be non-empty strings", "options")
+    logprobs = await client.score(list(context_ids) + option_ids, len(context_ids))
+    return sum(logprobs) / len(logprobs)
+
+
+def log_sum_exp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def make_result(trace: ProgramTrace, clause: DistributionClause | None, scores: list[OptionScore] | None) -> QueryResult:
+    variables = dict(trace.variables)
+    if clause is None or scores is None:
+        return QueryResult(trace.prompt, variables, is_truncated=trace.is_truncated)
+    variables[f"P({clause.variable})"] = [(s.option, s.probability) for s in scores]
+    variables[f"log P({clause.variable})"] = [(s.option, s.logprob) for s in scores]
+    return QueryResult(trace.prompt, variables, clause.variable, [s.option for s in scores], trace.is_truncated)

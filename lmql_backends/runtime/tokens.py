@@ -1,0 +1,184 @@
+"""Token tables: the bytes of every token of a tokenizer, and per-table precomputed masks.
+
+Masks are computed on bytes, never on decoded text, so a multi-byte character split across
+tokens is handled exactly. A table is built once per tokenizer object (`token_table`) and
+cached in a weak-keyed dictionary, so it lives exactly as long as its tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import weakref
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import InvalidRequestError
+
+INT_PATTERN = re.compile(rb" ?[0-9]+")
+DIGITS_PATTERN = re.compile(rb"[0-9]+")
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+METASPACE = "\u2581"
+
+_tables: "weakref.WeakKeyDictionary[Any, TokenTable]" = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass(eq=False)
+class TokenTable:
+    """The bytes of every token id, which ids are special, and the end-of-sequence id.
+
+    `special_ids` are never part of a value (EOS only ends one). Derived tensors are computed
+    on first use and kept on the table.
+    """
+
+    token_bytes: tuple[bytes, ...]
+    eos_token_id: int | None = None
+    special_ids: frozenset[int] = frozenset()
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.eos_token_id is not None:
+            self.special_ids = self.special_ids | {self.eos_token_id}
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_bytes)
+
+    @functools.cached_property
+    def text_mask(self) -> torch.Tensor:
+        """Tokens that may appear in a value: not special and not empty."""
+        mask = torch.tensor([len(b) > 0 for b in self.token_bytes], dtype=torch.bool)
+        if self.special_ids:
+            mask[torch.tensor(sorted(self.special_ids))] = False
+        return mask
+
+    @functools.cached_property
+    def num_chars(self) -> torch.Tensor:
+        """How many characters each token starts (its UTF-8 bytes that are not continuations)."""
+        return torch.tensor([count_chars(b) for b in self.token_bytes], dtype=torch.int32)
+
+    @functools.cached_property
+    def ids_by_bytes(self) -> dict[bytes, tuple[int, ...]]:
+        """Text token ids grouped by their bytes (several ids may share the same bytes)."""
+        groups: dict[bytes, list[int]] = {}
+        allowed = self.text_mask.tolist()
+        for token_id, data in enumerate(self.token_bytes):
+            if allowed[token_id]:
+                groups.setdefault(data, []).append(token_id)
+        return {data: tuple(ids) for data, ids in groups.items()}
+
+    @functools.cached_property
+    def int_start_mask(self) -> torch.Tensor:
+        """Tokens that may start an INT value: digits with an optional leading space, or a space."""
+        return self.bytes_mask(lambda b: INT_PATTERN.fullmatch(b) is not None or b == b" ")
+
+    @functools.cached_property
+    def digits_mask(self) -> torch.Tensor:
+        """Tokens made only of digits."""
+        return self.bytes_mask(lambda b: DIGITS_PATTERN.fullmatch(b) is not None)
+
+    def bytes_mask(self, predicate) -> torch.Tensor:
+        mask = torch.tensor([predicate(b) for b in self.token_bytes], dtype=torch.bool)
+        return mask & self.text_mask
+
+    def empty_mask(self) -> torch.Tensor:
+        return torch.zeros(self.num_tokens, dtype=torch.bool)
+
+    def mask_of(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """A mask allowing exactly `token_ids`."""
+        mask = self.empty_mask()
+        if len(token_ids):
+            mask[torch.as_tensor(token_ids, dtype=torch.long)] = True
+        return mask
+
+    def cached(self, key, make):
+        """A value derived from this table (e.g. a regex index), computed once per key."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of `token_ids` (bytes joined, then decoded; a cut character becomes U+FFFD)."""
+        return b"".join(self.token_bytes[t] for t in token_ids).decode("utf-8", errors="replace")
+
+
+def count_chars(data: bytes) -> int:
+    return sum(1 for byte in data if not 0x80 <= byte <= 0xBF)
+
+
+def token_table(tokenizer) -> TokenTable:
+    """The table of a Hugging Face tokenizer, built on first use and cached per tokenizer."""
+    table = _tables.get(tokenizer)
+    if table is None:
+        table = make_token_table(tokenizer)
+        _tables[tokenizer] = table
+    return table
+
+
+def make_token_table(tokenizer) -> TokenTable:
+    """Build the byte table of a Hugging Face tokenizer (byte-level BPE or SentencePiece style)."""
+    num_tokens = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(num_tokens)))
+    decode_piece = byte_level_decoder() if is_byte_level(tokenizer) else sentencepiece_bytes
+    special = special_token_ids(tokenizer, num_tokens)
+    token_bytes = tuple(
+        piece.encode() if i in special else decode_piece(piece or "") for i, piece in enumerate(pieces)
+    )
+    return TokenTable(token_bytes, tokenizer.eos_token_id, frozenset(special))
+
+
+def special_token_ids(tokenizer, num_tokens: int) -> set[int]:
+    """Ids of special tokens (EOS, BOS, padding, added special tokens)."""
+    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(token_id))
+    return {i for i in ids if 0 <= i < num_tokens}
+
+
+def is_byte_level(tokenizer) -> bool:
+    """Whether token strings use GPT-2's byte-to-unicode alphabet."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [getattr(backend, "decoder", None), getattr(backend, "pre_tokenizer", None)]
+    return any("ByteLevel" in repr(part) for part in parts if part is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_decoder():
+    """A function from a byte-level BPE token string to its bytes."""
+    alphabet = {char: byte for byte, char in byte_to_unicode().items()}
+
+    def decode(piece: str) -> bytes:
+        return bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode()
+
+    return decode
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 bytes to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def sentencepiece_bytes(piece: str) -> bytes:
+    """Bytes of a SentencePiece-style token: ``▁`` is a space and ``<0xNN>`` a raw byte."""
+    match = BYTE_FALLBACK.fullmatch(piece)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    return piece.replace(METASPACE, " ").encode()
+
+
+def prompt_ids(tokenizer, text: str, bos_token_id: int | None) -> list[int]:
+    """The ids of a prompt: BOS (when the tokenizer has one) then the text, without specials."""
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+    ids = ([bos_token_id] if bos_token_id is not None else []) + ids
+    if not ids:
+        raise InvalidRequestError("the prompt is empty and the tokenizer has no BOS token; start with text", "prompt")
+    return ids
