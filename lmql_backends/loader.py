@@ -135,7 +135,7 @@ def make_from_pretrained_kwargs(path: str, options: LoadOptions) -> dict[str, An
         if is_cuda_available():
             kwargs["device_map"] = "auto"
         else:
-            warnings.warn("--cuda: no GPU is available, loading the model on the CPU", stacklevel=2)
+            warnings.warn("cuda=True (--cuda): no GPU is available, loading the model on the CPU", stacklevel=2)
     return kwargs
 
 
@@ -221,7 +221,7 @@ def describe(loaded: LoadedModel) -> str:
     return (
         f"loaded {loaded.name}: {loaded.num_parameters / 1e6:.1f}M parameters, {loaded.dtype}, "
         f"device {device_map}, {num_bytes / 2**20:.0f} MiB, context {loaded.context_length}, "
-        f"vocab {loaded.vocab_size}"
+        f"vocab {loaded.vocab_size}" + "".join(f", {k}={v}" for k, v in visible_env().items())
     )
 
 

@@ -170,7 +170,8 @@ class _ClauseSplitter:
         """(keyword, body start, keyword start) for each top-level clause keyword."""
         found, depth, line_start = [], 0, True
         for i, tok in enumerate(self.tokens):
-            if self.is_clause_keyword(i, depth, line_start):
+            in_prompt = not found  # after from/where/distribution, indented keywords start clauses too
+            if self.is_clause_keyword(i, depth, line_start and in_prompt):
                 found.append((tok.string, tok.end, tok.start))
             depth += bracket_change(tok)
             line_start = tok.type in (tokens.NEWLINE, tokens.NL, tokens.INDENT, tokens.DEDENT)

@@ -147,3 +147,9 @@ def test_syntax_errors_have_line_and_column(query, fragment, line, column):
 def test_distribution_clause_needs_var_in_options():
     with pytest.raises(QuerySyntaxError, match="distribution VAR in"):
         parse_query('"x[X]" distribution X == 1')
+
+
+def test_indented_where_after_one_line_from_is_a_clause():
+    query = parse_query('argmax "Hello[WHO]" from "local:builtin:tiny"\n    where len(TOKENS(WHO)) < 3')
+    assert query.where.source == "len(TOKENS(WHO)) < 3"
+    assert query.model.source == '"local:builtin:tiny"'
