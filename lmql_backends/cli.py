@@ -1,8 +1,15 @@
-"""The ``lmql-backends`` command: serve-model, run, demo.
+"""The ``lmql-backends`` command: serve-model, run, demo, conformance, migrate.
 
 ``lmql-backends serve-model MODEL [--legacy] [--port P] [--cuda] [--dtype D] [--NAME VALUE ...]``
 serves a model; every unknown ``--NAME VALUE`` is passed to ``from_pretrained`` with its value
 parsed (True/False/None, numbers, JSON lists and objects, else a string).
+
+``lmql-backends conformance [--model M] [--endpoint HOST:PORT] [--legacy-endpoint HOST:PORT] [FILES...]``
+runs query files (or the built-in table) in-process, on the new and on the legacy backend and
+compares them; exit status 0 when all agree, 1 on a difference, 2 when a query fails everywhere.
+
+``lmql-backends migrate PATH [--dry-run]`` rewrites legacy-backend usage under PATH and prints
+the unified diff (`--dry-run` writes nothing).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_run_parser(commands)
     demo = commands.add_parser("demo", help="serve the embedded model and run queries through both backends")
     demo.add_argument("--model", default=None, help="model to demo (default: the embedded builtin:tiny)")
+    add_conformance_parser(commands)
+    add_migrate_parser(commands)
     return parser
 
 
@@ -50,6 +59,43 @@ def add_run_parser(commands) -> None:
     run = commands.add_parser("run", help="run a query file or query text and print the results")
     run.add_argument("query", help="a .lmql file or the query text itself")
     run.add_argument("--model", default=None, help="model when the query has no from clause")
+
+
+def add_conformance_parser(commands) -> None:
+    conformance = commands.add_parser(
+        "conformance", help="run queries in-process, on the new and on the legacy backend, and compare",
+        description="Run each query on the three backends and print agreements and differences. "
+                    "Servers are started on free loopback ports unless their endpoints are given. "
+                    "Exit status: 0 all agree, 1 a difference, 2 a query failed on every backend.",
+    )
+    conformance.add_argument("files", nargs="*", help=".lmql query files or folders (default: the built-in table)")
+    conformance.add_argument("--model", default="builtin:tiny",
+                             help="model every query runs on, overriding its from clause (default builtin:tiny)")
+    conformance.add_argument("--endpoint", default=None, help="HOST:PORT of a running new-API server of MODEL")
+    conformance.add_argument("--legacy-endpoint", default=None, help="HOST:PORT of a running legacy server of MODEL")
+
+
+def add_migrate_parser(commands) -> None:
+    migrate = commands.add_parser(
+        "migrate", help="rewrite legacy-backend usage (.lmql, .py, shell) for the new backend",
+        description="Remove backend=\"legacy\" decoder arguments and serve-model --legacy, mark legacy "
+                    "endpoint URLs, and print the unified diff. See migration/MIGRATION.md.",
+    )
+    migrate.add_argument("path", help="a file or a folder to migrate")
+    migrate.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
+
+
+def run_conformance(args) -> int:
+    from .conformance import ConformanceOptions, run_command
+
+    options = ConformanceOptions(args.model, args.endpoint, args.legacy_endpoint, tuple(args.files))
+    return run_command(options)
+
+
+def run_migrate(args) -> int:
+    from .migrate import run_command
+
+    return run_command(args.path, args.dry_run)
 
 
 def parse_passthrough(extra: list[str]) -> dict:
@@ -115,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.model)
+        elif args.command == "conformance":
+            return run_conformance(args)
+        elif args.command == "migrate":
+            return run_migrate(args)
     except LmqlBackendsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ def build_model_dir(path, architecture: str) -> str:
     else:
         model = LlamaForCausalLM(LlamaConfig(
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-            intermediate_size=128, max_position_embeddings=512, **ids,
+            intermediate_size=128, max_position_embeddings=1024, **ids,
         ))
     model.save_pretrained(path)
     for name in TOKENIZER_FILES:
