@@ -12,7 +12,12 @@ Public surface::
 Names are imported on first use, so ``import lmql_backends`` stays light.
 """
 
+import os
 from importlib import import_module
+
+# torch's idle OpenMP workers otherwise spin and steal the cores that the HTTP servers and
+# clients need (legacy per-token latency ~5x worse on 2 cores); set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import errors
 

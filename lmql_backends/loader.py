@@ -108,6 +108,20 @@ def load_tokenizer(name: str, tokenizer: str | None = None):
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {exc}") from exc
 
 
+def load_context_length(name: str) -> int | None:
+    """The context length from a model's config, read locally (None when it cannot be read).
+
+    The legacy protocol has no way to ask the server; its clients always loaded the model's
+    files locally from the model string (for the tokenizer), so the config is there too.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return context_length(AutoConfig.from_pretrained(resolve_model_path(name)))
+    except Exception:  # a model only the server can load: decoders then rely on its 400
+        return None
+
+
 def _load_uncached(name: str, options: LoadOptions) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 

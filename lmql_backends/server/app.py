@@ -187,5 +187,5 @@ def serve(
     if background:
         return ServerHandle(state).start()
     print(f"serving {model} ({'legacy' if legacy else 'OpenAI-compatible'} API) on http://{host}:{port}", flush=True)
-    web.run_app(make_app(state), host=host, port=port, print=None, handler_cancellation=True)
+    web.run_app(make_app(state), host=host, port=port, print=None, handler_cancellation=True, access_log=None)
     return None

@@ -1,0 +1,549 @@
+"""The legacy LMQL 0.0.6.x inference API: ``POST /queue`` and ``GET /results/<client_id>``.
+
+The wire protocol is frozen in ``legacy/PROTOCOL.md``. A request is validated completely before
+the server answers ``200``; the work then runs in the background (forwards through the shared
+engine, so they are prefix-cached and batched with everything else) and its result waits in a
+per-client store until the client collects it. Every accepted sample gets exactly one result:
+the answer, or an error result (an extension) when the engine fails later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from aiohttp import web
+
+from ..engine import PromptOutput, Request
+from ..errors import ContextLengthError, InvalidRequestError
+from .app import STATE, get_state
+
+log = logging.getLogger("lmql_backends.server.legacy")
+
+MAX_WAIT_SECONDS = 30.0
+LONG_POLL_HEADER = "X-Long-Poll"
+ERROR_DETAIL_HEADER = "X-Error-Detail"
+BAD_REQUEST_TEXT = "Bad request."
+#: logits payloads larger than this many floats are formatted off the event loop
+NUM_FLOATS_INLINE = 32768
+
+
+# ---- typed jobs ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Who asked: the result store key ``"<client ip>-<client_id>"`` and the echoed sample_id."""
+
+    client_key: str
+    sample_id: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardJob:
+    """A validated ``forward``: one list of ids per row (padding removed)."""
+
+    sample: Sample
+    rows: tuple[tuple[int, ...], ...]
+    is_batched: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeJob:
+    """A validated ``tokenize``."""
+
+    sample: Sample
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DetokenizeJob:
+    """A validated ``detokenize``."""
+
+    sample: Sample
+    input_ids: tuple[int, ...]
+
+
+Job = ForwardJob | TokenizeJob | DetokenizeJob
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultLimits:
+    """How long and how many uncollected results are kept per client before being dropped."""
+
+    max_age_seconds: float = 600.0
+    max_results_per_client: int = 4096
+    max_bytes_per_client: int = 256 * 2**20
+    sweep_every_seconds: float = 10.0
+
+
+class MalformedFieldError(InvalidRequestError):
+    """A field has the wrong type or shape: answered with the legacy text ``Bad request.``.
+
+    The message (what is wrong and how to fix it) goes in the ``X-Error-Detail`` header.
+    """
+
+
+# ---- the per-client result store ------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class ClientResults:
+    """Finished results of one client, oldest first, and the event long-polls wait on."""
+
+    items: collections.deque = dataclasses.field(default_factory=collections.deque)
+    num_bytes: int = 0
+    num_waiters: int = 0
+    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class ResultStore:
+    """Results per ``"<ip>-<client_id>"`` key, each delivered once, bounded in age and size."""
+
+    def __init__(self, limits: ResultLimits = ResultLimits()):
+        self.limits = limits
+        self.clients: dict[str, ClientResults] = {}
+        self.num_dropped = 0
+        self.is_closed = False
+        self._last_sweep = time.monotonic()
+
+    def put(self, key: str, payload: bytes) -> None:
+        """Store one encoded result and wake the client's long-polls."""
+        entry = self.clients.setdefault(key, ClientResults())
+        entry.items.append((time.monotonic(), payload))
+        entry.num_bytes += len(payload)
+        self._drop_over_limit(key, entry)
+        entry.ready.set()
+        self._maybe_sweep()
+
+    def take_all(self, key: str) -> list[bytes]:
+        """Remove and return every result of `key` (oldest first)."""
+        entry = self.clients.get(key)
+        if entry is None:
+            return []
+        payloads = [payload for _, payload in entry.items]
+        entry.items.clear()
+        entry.num_bytes = 0
+        entry.ready.clear()
+        self._forget_if_idle(key, entry)
+        return payloads
+
+    async def wait_for_results(self, key: str, seconds: float) -> None:
+        """Return once `key` has a result, or after `seconds`."""
+        if self.is_closed:
+            return
+        entry = self.clients.setdefault(key, ClientResults())
+        entry.num_waiters += 1
+        try:
+            await wait_until_ready(entry, seconds, self)
+        finally:
+            entry.num_waiters -= 1
+            self._forget_if_idle(key, entry)
+
+    def close(self) -> None:
+        """End every long-poll now (server shutdown); later polls answer without waiting."""
+        self.is_closed = True
+        for entry in self.clients.values():
+            entry.ready.set()
+
+    def _drop_over_limit(self, key: str, entry: ClientResults) -> None:
+        limits = self.limits
+        while len(entry.items) > 1 and (
+            len(entry.items) > limits.max_results_per_client or entry.num_bytes > limits.max_bytes_per_client
+        ):
+            self._drop_oldest(key, entry, "the client holds too many uncollected results")
+
+    def _drop_oldest(self, key: str, entry: ClientResults, reason: str) -> None:
+        _, payload = entry.items.popleft()
+        entry.num_bytes -= len(payload)
+        self.num_dropped += 1
+        log.warning("dropped an uncollected result of client %s: %s", key, reason)
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep >= self.limits.sweep_every_seconds:
+            self._last_sweep = now
+            self.sweep(now)
+
+    def sweep(self, now: float) -> None:
+        """Drop results older than the age limit; forget clients with nothing left."""
+        oldest_allowed = now - self.limits.max_age_seconds
+        for key, entry in list(self.clients.items()):
+            while entry.items and entry.items[0][0] < oldest_allowed:
+                self._drop_oldest(key, entry, "not collected in time")
+            self._forget_if_idle(key, entry)
+
+    def _forget_if_idle(self, key: str, entry: ClientResults) -> None:
+        if not entry.items and entry.num_waiters == 0 and self.clients.get(key) is entry:
+            del self.clients[key]
+
+
+async def wait_until_ready(entry: ClientResults, seconds: float, store: ResultStore) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not entry.items and not store.is_closed:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        entry.ready.clear()
+        try:
+            await asyncio.wait_for(entry.ready.wait(), remaining)
+        except TimeoutError:
+            return
+
+
+# ---- app wiring -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class LegacyState:
+    """What the legacy routes keep besides the server state: results and running jobs."""
+
+    store: ResultStore
+    tokenizer_pool: concurrent.futures.ThreadPoolExecutor
+    tasks: set = dataclasses.field(default_factory=set)
+
+
+LEGACY = web.AppKey("legacy", LegacyState)
+
+
+def add_routes(app: web.Application, limits: ResultLimits = ResultLimits()) -> None:
+    """Add the legacy endpoints to `app` (called by ``make_app`` when serving ``--legacy``)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="legacy-tokenizer")
+    app[LEGACY] = LegacyState(ResultStore(limits), pool)
+    app.router.add_post("/queue", handle_queue)
+    app.router.add_get("/results/{client_id}", handle_results)
+    app.router.add_get("/queue", not_found)
+    app.router.add_post("/results/{client_id}", not_found)
+    app.on_shutdown.append(stop_jobs)
+
+
+async def stop_jobs(app: web.Application) -> None:
+    legacy = app[LEGACY]
+    legacy.store.close()
+    for task in list(legacy.tasks):
+        task.cancel()
+    await asyncio.gather(*legacy.tasks, return_exceptions=True)
+    legacy.tokenizer_pool.shutdown(wait=False)
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise web.HTTPNotFound()
+
+
+# ---- POST /queue ----------------------------------------------------------------------------
+
+
+async def handle_queue(request: web.Request) -> web.Response:
+    """Validate one action, answer ``{"sample_id": ...}`` and run it in the background."""
+    try:
+        payload = await read_payload(request)
+        job = parse_job(payload, request)
+    except MalformedFieldError as exc:
+        return text_response(BAD_REQUEST_TEXT, {ERROR_DETAIL_HEADER: header_safe(str(exc))})
+    except InvalidRequestError as exc:
+        return text_response(str(exc))
+    start_job(request.app, job)
+    return web.Response(body=json.dumps({"sample_id": job.sample.sample_id}).encode(), content_type="application/json")
+
+
+def text_response(text: str, headers: dict[str, str] | None = None, status: int = 400) -> web.Response:
+    return web.Response(body=text.encode(), status=status, content_type="text/plain", headers=headers)
+
+
+def header_safe(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode("ascii").replace("\n", " ")[:1000]
+
+
+async def read_payload(request: web.Request) -> dict:
+    """The JSON object of the body, with its ``action`` and ``sample_id``."""
+    try:
+        payload = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedFieldError(f"the body is not valid JSON ({exc}); send a JSON object") from None
+    if not isinstance(payload, dict):
+        raise MalformedFieldError(f"the body is a JSON {type(payload).__name__}; send a JSON object")
+    for field in ("sample_id", "action"):
+        if field not in payload:
+            raise MalformedFieldError(f"the body has no {field!r}; every request needs 'action' and 'sample_id'")
+    return payload
+
+
+def parse_job(payload: dict, request: web.Request) -> Job:
+    action = payload["action"]
+    parse = ACTION_PARSERS.get(action) if isinstance(action, str) else None
+    if parse is None:
+        raise InvalidRequestError(f"Unknown action: {action}", "action")
+    return parse(payload, request)
+
+
+def parse_forward(payload: dict, request: web.Request) -> ForwardJob:
+    """Fields in the order the original server read them (so the same error wins)."""
+    state = get_state(request)
+    input_ids = require(payload, "input_ids")
+    mask = payload.get("attention_mask")
+    model = require(payload, "model_identifier")
+    if model not in state.served_names:
+        raise InvalidRequestError(f"The inference API serves model {state.model_name} not {model}.", "model_identifier")
+    sample = make_sample(payload, request)
+    rows, is_batched = make_rows(input_ids, mask)
+    for index, row in enumerate(rows):
+        check_row(row, row_name(index, is_batched), state.loaded.vocab_size, state.loaded.context_length)
+    return ForwardJob(sample, rows, is_batched)
+
+
+def parse_tokenize(payload: dict, request: web.Request) -> TokenizeJob:
+    text = require(payload, "text")
+    sample = make_sample(payload, request)
+    if not isinstance(text, str):
+        raise MalformedFieldError(f"text must be a string, got {json.dumps(text)[:80]}")
+    return TokenizeJob(sample, text)
+
+
+def parse_detokenize(payload: dict, request: web.Request) -> DetokenizeJob:
+    input_ids = require(payload, "input_ids")
+    sample = make_sample(payload, request)
+    if not is_int_list(input_ids):
+        raise MalformedFieldError("input_ids must be a flat list of token ids (integers)")
+    check_vocabulary(input_ids, "input_ids", len(get_state(request).loaded.tokenizer))
+    return DetokenizeJob(sample, tuple(input_ids))
+
+
+ACTION_PARSERS: dict[str, Callable[[dict, web.Request], Job]] = {
+    "forward": parse_forward, "tokenize": parse_tokenize, "detokenize": parse_detokenize,
+}
+
+
+def require(payload: dict, field: str) -> Any:
+    if field not in payload:
+        raise MalformedFieldError(f"the {payload['action']!r} request has no {field!r}")
+    return payload[field]
+
+
+def make_sample(payload: dict, request: web.Request) -> Sample:
+    client_id = require(payload, "client_id")
+    if isinstance(client_id, bool) or not isinstance(client_id, (str, int)):
+        raise MalformedFieldError(f"client_id must be a string, got {json.dumps(client_id)[:80]}")
+    return Sample(client_key(request, str(client_id)), payload["sample_id"])
+
+
+def client_key(request: web.Request, client_id: str) -> str:
+    """Results are kept per client ip and client id, as ``"<ip>-<client_id>"``."""
+    return f"{request.remote}-{client_id}"
+
+
+# ---- input_ids validation -------------------------------------------------------------------
+
+
+def is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(is_token_id(v) for v in value)
+
+
+def is_mask_value(value: Any) -> bool:
+    return value in (0, 1) and isinstance(value, (int, bool))
+
+
+def make_rows(input_ids: Any, mask: Any) -> tuple[tuple[tuple[int, ...], ...], bool]:
+    """The ids of every row with the masked-out (padding) positions removed; and whether 2-D."""
+    is_batched = isinstance(input_ids, list) and len(input_ids) > 0 and isinstance(input_ids[0], list)
+    matrix = input_ids if is_batched else [input_ids]
+    if not all(is_int_list(row) for row in matrix):
+        raise MalformedFieldError("input_ids must be a list of token ids or a list of such lists")
+    mask_matrix = make_mask_matrix(mask, matrix, is_batched)
+    rows = tuple(tuple(t for t, keep in zip(row, keeps) if keep) for row, keeps in zip(matrix, mask_matrix))
+    return rows, is_batched
+
+
+def make_mask_matrix(mask: Any, matrix: list[list[int]], is_batched: bool) -> list[list[Any]]:
+    if mask is None:
+        return [[1] * len(row) for row in matrix]
+    mask_matrix = mask if is_batched else [mask]
+    shapes_match = isinstance(mask_matrix, list) and len(mask_matrix) == len(matrix) and all(
+        isinstance(keeps, list) and len(keeps) == len(row) for keeps, row in zip(mask_matrix, matrix)
+    )
+    if not shapes_match:
+        raise MalformedFieldError("attention_mask must be null or have the shape of input_ids")
+    if not all(is_mask_value(v) for keeps in mask_matrix for v in keeps):
+        raise MalformedFieldError("attention_mask values must be 0 or 1")
+    return mask_matrix
+
+
+def row_name(index: int, is_batched: bool) -> str:
+    return f"input_ids row {index}" if is_batched else "input_ids"
+
+
+def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: int) -> None:
+    """Reject rows the engine cannot run, naming the limit and the fix."""
+    if not row:
+        raise InvalidRequestError(
+            f"{name} is empty (after removing attention_mask padding); send at least 1 token id", "input_ids"
+        )
+    if len(row) > context_length:
+        raise ContextLengthError(
+            f"{name} has {len(row)} tokens, more than the model's context length of {context_length} "
+            f"tokens; send at most {context_length} tokens", "input_ids"
+        )
+    check_vocabulary(row, name, vocab_size)
+
+
+def check_vocabulary(ids, name: str, vocab_size: int) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size}); "
+            f"send ids from the model's tokenizer", "input_ids"
+        )
+
+
+# ---- running jobs ---------------------------------------------------------------------------
+
+
+def start_job(app: web.Application, job: Job) -> None:
+    """Run `job` in the background; its result (or error result) goes to the store."""
+    legacy = app[LEGACY]
+    task = asyncio.create_task(run_job(app, job))
+    legacy.tasks.add(task)
+    task.add_done_callback(legacy.tasks.discard)
+
+
+async def run_job(app: web.Application, job: Job) -> None:
+    store = app[LEGACY].store
+    try:
+        field, value_json = await JOB_RUNNERS[type(job)](app, job)
+        store.put(job.sample.client_key, encode_result(job.sample, field, value_json))
+    except Exception as exc:  # deliver every failure as an error result: no sample is lost
+        log.info("legacy sample %r failed: %s", job.sample.sample_id, exc)
+        store.put(job.sample.client_key, encode_result(job.sample, "error", json.dumps(error_text(exc))))
+
+
+def error_text(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def run_forward(app: web.Application, job: ForwardJob) -> tuple[str, str]:
+    engine = app[STATE].engine
+    rows = await asyncio.gather(*(next_token_logits(engine, list(row)) for row in job.rows))
+    return "next_token_logits", await encode_logits(rows, job.is_batched)
+
+
+async def next_token_logits(engine, ids: list[int]) -> torch.Tensor:
+    """The raw last-position logits of `ids`, through the engine (prefix-cached, batched)."""
+    logits = None
+    async for out in engine.stream(Request(ids, return_logits=True)):
+        if isinstance(out, PromptOutput):
+            logits = out.logits
+    if logits is None:
+        raise RuntimeError("the engine finished a forward without its logits")
+    return logits
+
+
+async def run_tokenize(app: web.Application, job: TokenizeJob) -> tuple[str, str]:
+    loaded = app[STATE].loaded
+    ids = await in_tokenizer_thread(app, tokenize_text, loaded, job.text)
+    return "input_ids", json.dumps(ids)
+
+
+def tokenize_text(loaded, text: str) -> list[int]:
+    """``<BOS>`` and ``<EOS>`` are the special tokens; anything else uses the tokenizer's defaults."""
+    if text == "<BOS>":
+        return [loaded.bos_token_id]
+    if text == "<EOS>":
+        return [loaded.eos_token_id]
+    return list(loaded.tokenizer(text)["input_ids"])
+
+
+async def run_detokenize(app: web.Application, job: DetokenizeJob) -> tuple[str, str]:
+    tokenizer = app[STATE].loaded.tokenizer
+    text = await in_tokenizer_thread(app, tokenizer.decode, list(job.input_ids))
+    return "text", json.dumps(text)
+
+
+async def in_tokenizer_thread(app: web.Application, function, *args):
+    """Tokenizer calls run one at a time off the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(app[LEGACY].tokenizer_pool, function, *args)
+
+
+JOB_RUNNERS = {ForwardJob: run_forward, TokenizeJob: run_tokenize, DetokenizeJob: run_detokenize}
+
+
+# ---- encoding -------------------------------------------------------------------------------
+
+
+def encode_result(sample: Sample, field: str, value_json: str) -> bytes:
+    """One result object, encoded once when it is ready (``value_json`` is already JSON)."""
+    head = json.dumps({"client_id": sample.client_key, "sample_id": sample.sample_id})
+    return f'{head[:-1]}, "{field}": {value_json}}}'.encode()
+
+
+async def encode_logits(rows: list[torch.Tensor], is_batched: bool) -> str:
+    """``[[V floats], ...]`` for a 2-D forward, ``[V floats]`` for 1-D; large ones off the loop."""
+    if sum(row.numel() for row in rows) > NUM_FLOATS_INLINE:
+        return await asyncio.to_thread(format_logits, rows, is_batched)
+    return format_logits(rows, is_batched)
+
+
+def format_logits(rows: list[torch.Tensor], is_batched: bool) -> str:
+    texts = [format_floats(row) for row in rows]
+    return f"[{', '.join(texts)}]" if is_batched else texts[0]
+
+
+def format_floats(values: torch.Tensor) -> str:
+    """A JSON list of float32 values with 9 significant digits: exact float32 round trip.
+
+    About 3x faster than ``json.dumps(values.tolist())`` and 40% shorter (see PROTOCOL.md).
+    Non-finite values fall back to ``json.dumps`` (``Infinity``/``NaN``, as the original sent).
+    """
+    floats = values.float().tolist()
+    if not all(map(math.isfinite, floats)):
+        return json.dumps(floats)
+    return "[" + float_format(len(floats)) % tuple(floats) + "]"
+
+
+@functools.lru_cache(maxsize=8)
+def float_format(num_floats: int) -> str:
+    return ", ".join(["%.9g"] * num_floats)
+
+
+# ---- GET /results/<client_id> ---------------------------------------------------------------
+
+
+async def handle_results(request: web.Request) -> web.Response:
+    """Every finished result of this client, each delivered once; ``?wait=S`` long-polls."""
+    try:
+        wait = parse_wait(request.query.get("wait"))
+    except MalformedFieldError as exc:
+        return text_response(BAD_REQUEST_TEXT, {ERROR_DETAIL_HEADER: header_safe(str(exc))})
+    store = request.app[LEGACY].store
+    key = client_key(request, request.match_info["client_id"])
+    if wait > 0:
+        await store.wait_for_results(key, wait)
+    body = b"[" + b",".join(store.take_all(key)) + b"]"
+    return web.Response(body=body, content_type="application/json", headers={LONG_POLL_HEADER: "1"})
+
+
+def parse_wait(text: str | None) -> float:
+    """Seconds to wait for a first result (extension), at most MAX_WAIT_SECONDS."""
+    if text is None:
+        return 0.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:
+        raise MalformedFieldError(f"wait must be a number of seconds >= 0, got {text!r}")
+    return min(seconds, MAX_WAIT_SECONDS)
+
