@@ -14,7 +14,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @pytest.fixture(scope="session", autouse=True)
 def few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: more threads only contend on the shared cores
 
 
 @pytest.fixture(scope="session")

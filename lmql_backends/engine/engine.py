@@ -89,17 +89,18 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self._cancel_all()  # requests that raced with stop() are cancelled, never left hanging
 
     # ---- requests --------------------------------------------------------------------
     def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
         """Validate and enqueue `request`; its outputs are passed to `emit` (any thread)."""
         self.validate(request)
+        if self._stopped.is_set():
+            raise RequestCancelledError("the engine is shutting down")
         with self._pending_lock:
             if self._num_pending >= self.config.max_queue + self.config.max_num_seqs:
                 raise OverloadedError(f"the engine is at capacity ({self._num_pending} requests); retry later")
             self._num_pending += 1
-        if self._stopped.is_set():
-            raise RequestCancelledError("the engine is shutting down")
         self.start()
         self._inbox.put(("add", Sequence(request, emit)))
 
@@ -124,7 +125,9 @@ class Engine:
                 f"which exceeds the model's context length of {limit} tokens", "max_tokens"
             )
         if request.score_from is not None and not 1 <= request.score_from <= len(ids):
-            raise InvalidRequestError(f"score_from must be in [1, {len(ids)}]", "score_from")
+            raise InvalidRequestError(
+                f"score_from must be in [1, {len(ids)}] (the prompt length), got {request.score_from!r}", "score_from"
+            )
 
     async def stream(self, request: Request) -> AsyncIterator[Output]:
         """Level two of generation: the typed outputs of `request`, ending with a finish_reason."""
@@ -173,6 +176,11 @@ class Engine:
             except Exception as exc:  # never let the engine thread die
                 log.exception("engine step failed")
                 self._fail(list(self.scheduler.running), exc)
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        """Fail every queued and running request with RequestCancelledError (at shutdown)."""
+        self._drain_inbox(block=False)
         self._fail([*self.scheduler.running, *self.scheduler.waiting], RequestCancelledError("the engine stopped"))
 
     def _drain_inbox(self, block: bool) -> None:
@@ -297,7 +305,10 @@ class Engine:
             seq.is_finished = seq.is_aborted = True
             self._counters["failed"] += 1
             self._retire(seq)
-            seq.emit(ErrorOutput(error))
+            try:
+                seq.emit(ErrorOutput(error))
+            except Exception:  # a broken consumer must not keep the others from their errors
+                log.exception("could not deliver the error of request %s", seq.request.request_id)
 
     def _count_generated(self, n: int) -> None:
         now = time.monotonic()

@@ -5,7 +5,8 @@ indexed by chained hashes of their full 16-token blocks (as in vLLM); the match 
 extended token by token inside the best entry, so any prefix length can hit. The KV of a
 prefix of a stored sequence is a slice of that sequence's KV, so storing a sequence that
 extends an entry replaces the entry. Memory is bounded by `max_tokens` (least recently used
-entries are evicted). Stored tensors are never written to, so entries can be shared safely.
+entries are evicted). Stored columns are never rewritten (see runner.py: only the KV ending at
+its store's end may grow, in place, beyond it), so entries can be shared safely.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import collections
 import dataclasses
 import itertools
 
+from .runner import StoredKV, detach_kv
 from .sequence import KVCache
 
 BLOCK_SIZE = 16
@@ -51,6 +53,9 @@ def common_prefix_length(a, b, start: int = 0) -> int:
 
 
 def slice_kv(kv: KVCache, length: int) -> KVCache:
+    """The KV of the first `length` tokens, as views."""
+    if isinstance(kv, StoredKV):
+        return kv.prefix(length)
     return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
 
 
@@ -83,9 +88,16 @@ class PrefixCache:
         best_key, best_length = None, 0
         for key, start in candidates:
             length = common_prefix_length(self.entries[key].ids, ids[:max_length], start)
+            if length and not self._is_verified(self.entries[key].ids, ids, start):
+                continue
             if length > best_length:
                 best_key, best_length = key, length
         return best_key, best_length
+
+    @staticmethod
+    def _is_verified(stored, ids, num_hashed: int) -> bool:
+        """Whether the tokens matched through block hashes really are equal (no hash collision)."""
+        return tuple(stored[:num_hashed]) == tuple(ids[:num_hashed])
 
     def _candidates(self, ids, max_length: int) -> list[tuple[int, int]]:
         """Entries sharing the most full blocks with `ids`, with the length known to match."""
@@ -99,17 +111,30 @@ class PrefixCache:
             keys = self.by_first_token.get(ids[0], set())
         return [(key, matched) for key in keys]
 
+    def _overlapping(self, ids) -> list[tuple[int, int]]:
+        """Every entry sharing a first token or full blocks with `ids`, with the length known to match."""
+        found = {key: 0 for key in self.by_first_token.get(ids[0], ())}
+        for b, h in enumerate(block_hashes(ids)):
+            hit = self.by_block.get(h)
+            if not hit:
+                break
+            found.update((key, (b + 1) * BLOCK_SIZE) for key in hit)
+        return list(found.items())
+
     def insert(self, ids, kv: KVCache) -> None:
         """Store the KV of `ids`, replacing stored entries that are prefixes of it."""
         ids = tuple(ids)
         if len(ids) == 0 or len(ids) > self.max_tokens:
             return
-        for key, start in self._candidates(ids, len(ids)):
+        for key, start in self._overlapping(ids):
             entry = self.entries[key]
-            if common_prefix_length(entry.ids, ids, start) == len(entry.ids):
+            length = common_prefix_length(entry.ids, ids, start)
+            if length == len(ids) and self._is_verified(entry.ids, ids, start):
+                self.entries.move_to_end(key)  # an entry already holds all of it
+                return
+            if length == len(entry.ids) and self._is_verified(entry.ids, ids, start):
                 self._remove(key)
-        entry = CacheEntry(ids, [(own(k), own(v)) for k, v in kv], tuple(block_hashes(ids)))
-        self._add(entry)
+        self._add(CacheEntry(ids, detach_kv(kv), tuple(block_hashes(ids))))
         self._evict()
 
     def _add(self, entry: CacheEntry) -> None:
@@ -146,7 +171,3 @@ class PrefixCache:
         """Fraction of looked-up tokens that were served from the cache."""
         return self.num_hit_tokens / self.num_lookup_tokens if self.num_lookup_tokens else 0.0
 
-
-def own(tensor):
-    """A tensor that does not keep a larger batch tensor alive."""
-    return tensor.clone() if tensor._base is not None else tensor

@@ -3,15 +3,114 @@
 Two kinds of forward pass:
 - `prefill`: one sequence, any number of new tokens after its cached prefix;
 - `decode`: many sequences, one new token each, with pasts of different lengths. Pasts are
-  left-padded to one length; an attention mask hides the padding and explicit position ids
+  left-padded to one width; an attention mask hides the padding and explicit position ids
   give every sequence its own positions, so results equal unbatched runs.
+
+Keys and values live in preallocated `KVStore` buffers that the model writes into in place
+(no concatenation per step). A sequence's KV is a `StoredKV`: views of one row of a store.
+Columns of a store below its `end` are written once and never change, so views can be shared
+by the prefix cache and by other sequences. Only a KV whose last column is the store's `end`
+may grow in place (claiming the next columns); any other KV is first copied into a new store.
+So a sequence never reads columns written by another, and a legacy request that extends the
+previous one by a token computes one token without copying its past. A decode batch keeps
+its store while its members stay the same; when membership changes, the pasts are repacked.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .sequence import KVCache
+
+MIN_HEADROOM = 64
+
+
+class KVStore:
+    """Per layer keys and values of `rows` sequences: [rows, heads, capacity, head_dim] each.
+
+    Buffers are allocated on the first write of each layer (their shapes come from the model).
+    """
+
+    def __init__(self, rows: int, capacity: int, num_layers: int):
+        self.rows, self.capacity = rows, capacity
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.end = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        """Write new states at columns [start, start + n); return views of columns [0, start + n)."""
+        self.ensure_layer(layer, keys, values)
+        stop = start + keys.shape[2]
+        self.keys[layer][:, :, start:stop] = keys
+        self.values[layer][:, :, start:stop] = values
+        return self.keys[layer][:, :, :stop], self.values[layer][:, :, :stop]
+
+    def ensure_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Allocate the buffers of `layer` (zeros) shaped like `keys`/`values` if not done yet."""
+        if self.keys[layer] is None:
+            self.keys[layer] = self._allocate(keys)
+            self.values[layer] = self._allocate(values)
+
+    def _allocate(self, like: torch.Tensor) -> torch.Tensor:
+        _, heads, _, width = like.shape
+        return like.new_zeros(self.rows, heads, self.capacity, width)
+
+    def can_grow(self, stop: int, num_new: int) -> bool:
+        """Whether a KV ending at column `stop` may write `num_new` more columns in place."""
+        return stop == self.end and self.end + num_new <= self.capacity
+
+
+class StoredKV(list):
+    """One sequence's KV (a `KVCache`): per layer views [1, heads, length, head_dim] of a store row."""
+
+    def __init__(self, store: KVStore, row: int, start: int, stop: int):
+        super().__init__(
+            (store.keys[i][row:row + 1, :, start:stop], store.values[i][row:row + 1, :, start:stop])
+            for i in range(store.num_layers)
+        )
+        self.store, self.row, self.start, self.stop = store, row, start, stop
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def prefix(self, length: int) -> "StoredKV":
+        """The KV of the first `length` tokens (views of the same store)."""
+        return StoredKV(self.store, self.row, self.start, self.start + length)
+
+    def is_growable(self, num_new: int) -> bool:
+        """Whether `num_new` tokens can be appended in place (a one-row store, at its end)."""
+        return self.store.rows == 1 and self.store.can_grow(self.stop, num_new)
+
+
+class StoreLayer(DynamicLayer):
+    """One layer of a store seen as a transformers cache layer; new states go in place."""
+
+    def __init__(self, store: KVStore, index: int, length: int):
+        super().__init__()
+        self.store, self.index, self.length = store, index, length
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = self.store.write(self.index, self.length, key_states, value_states)
+        self.keys, self.values = keys, values
+        self.length += key_states.shape[2]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+class StoreCache(Cache):
+    """A transformers `Cache` over a `KVStore` whose first `length` columns are filled."""
+
+    def __init__(self, store: KVStore, length: int):
+        super().__init__(layers=[StoreLayer(store, i, length) for i in range(store.num_layers)])
 
 
 class ModelRunner:
@@ -20,68 +119,125 @@ class ModelRunner:
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
 
     @torch.inference_mode()
     def prefill(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):
         """Run `new_ids` after a cached past; return logits ([n, V] or [1, V]) and the new KV."""
-        ids = torch.tensor([new_ids], device=self.device)
-        positions = torch.arange(past_len, past_len + len(new_ids), device=self.device)[None]
-        out = self.model(
-            input_ids=ids, position_ids=positions, past_key_values=make_cache(past), use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
-        )
-        return out.logits[0].float().cpu(), unpack_cache(out.past_key_values)
+        return self._forward_one(new_ids, past, past_len, all_logits)
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], pasts: list[KVCache | None], past_lens: list[int]):
         """One new token for each of several sequences; return logits [B, V] and each new KV."""
         if len(tokens) == 1:
-            logits, kv = self.prefill(tokens, pasts[0], past_lens[0], all_logits=False)
+            logits, kv = self._forward_one(tokens, pasts[0], past_lens[0], all_logits=False)
             return logits, [kv]
-        width = max(past_lens)
-        mask = torch.zeros(len(tokens), width + 1, dtype=torch.long, device=self.device)
-        for row, length in enumerate(past_lens):
-            mask[row, width - length:] = 1
+        store, rows = self._reusable_batch(pasts, past_lens) or self._pack_batch(pasts, past_lens)
+        width = store.end
+        logits = self._forward_batch(store, in_row_order(tokens, rows), in_row_order(past_lens, rows))
+        store.end = width + 1
+        kvs = [StoredKV(store, row, width - n, width + 1) for row, n in zip(rows, past_lens)]
+        return logits.index_select(0, torch.tensor(rows)).cpu(), kvs
+
+    def _forward_batch(self, store: KVStore, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        """Logits [B, V] of one token per store row; row b has `lengths[b]` real past tokens."""
         out = self.model(
             input_ids=torch.tensor(tokens, device=self.device)[:, None],
-            position_ids=torch.tensor(past_lens, device=self.device)[:, None],
-            attention_mask=mask,
-            past_key_values=make_cache(pack_pasts(pasts, past_lens, width)) if width else None,
-            use_cache=True, logits_to_keep=1,
+            position_ids=torch.tensor(lengths, device=self.device)[:, None],
+            attention_mask=self._padding_mask(lengths, store.end),
+            past_key_values=StoreCache(store, store.end), use_cache=True, logits_to_keep=1,
         )
-        batch_kv = unpack_cache(out.past_key_values)
-        return out.logits[:, -1].float().cpu(), split_kv(batch_kv, past_lens, width)
+        return out.logits[:, -1].float()
+
+    def _forward_one(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):
+        store = self._growable_store(past, past_len, len(new_ids))
+        ids = torch.tensor([new_ids], device=self.device)
+        positions = torch.arange(past_len, past_len + len(new_ids), device=self.device)[None]
+        out = self.model(
+            input_ids=ids, position_ids=positions, past_key_values=StoreCache(store, past_len), use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        store.end = past_len + len(new_ids)
+        return out.logits[0].float().cpu(), StoredKV(store, 0, 0, store.end)
+
+    def _growable_store(self, past: KVCache | None, past_len: int, num_new: int) -> KVStore:
+        """The one-row store `past` lives in if it can grow in place, else a copy of `past`."""
+        if isinstance(past, StoredKV) and past.start == 0 and past.is_growable(num_new):
+            return past.store
+        store = KVStore(1, with_headroom(past_len + num_new), self.num_layers)
+        if past_len:
+            copy_past(store, 0, 0, past, past_len)
+        return store
+
+    def _reusable_batch(self, pasts, past_lens) -> tuple[KVStore, list[int]] | None:
+        """The batch store of the previous step, if exactly these sequences ran in it."""
+        first = pasts[0]
+        if not isinstance(first, StoredKV):
+            return None
+        store = first.store
+        if store.rows != len(pasts) or store.end >= store.capacity:
+            return None
+        for past, length in zip(pasts, past_lens):
+            if not (isinstance(past, StoredKV) and past.store is store and past.stop == store.end
+                    and past.length == length):
+                return None
+        rows = [past.row for past in pasts]
+        return (store, rows) if sorted(rows) == list(range(len(pasts))) else None
+
+    def _pack_batch(self, pasts, past_lens) -> tuple[KVStore, list[int]]:
+        """A new store with every past right-aligned (left-padded with zeros) in its own row."""
+        width = max(past_lens)
+        store = KVStore(len(pasts), with_headroom(width + 1), self.num_layers)
+        for row, (past, length) in enumerate(zip(pasts, past_lens)):
+            if length:
+                copy_past(store, row, width - length, past, length)
+        store.end = width
+        return store, list(range(len(pasts)))
+
+    def _padding_mask(self, lengths: list[int], width: int) -> torch.Tensor | None:
+        """Attention mask [B, width + 1] hiding each row's left padding (None: no padding)."""
+        if all(n == width for n in lengths):
+            return None
+        mask = torch.ones(len(lengths), width + 1, dtype=torch.long, device=self.device)
+        for row, length in enumerate(lengths):
+            mask[row, :width - length] = 0
+        return mask
 
 
-def make_cache(past: KVCache | None):
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=past) if past else DynamicCache()
-
-
-def unpack_cache(cache) -> KVCache:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def in_row_order(values: list[int], rows: list[int]) -> list[int]:
+    """`values` given per sequence, rearranged so that entry `rows[i]` holds `values[i]`."""
+    ordered = [0] * len(values)
+    for value, row in zip(values, rows):
+        ordered[row] = value
+    return ordered
 
 
-def pack_pasts(pasts: list[KVCache | None], lengths: list[int], width: int) -> KVCache:
-    """Left-pad every past to `width` positions and stack them into one batch, per layer."""
-    template = next(p for p in pasts if p)
-    packed = []
-    for layer, (k0, v0) in enumerate(template):
-        keys = [left_pad(p[layer][0] if p else None, k0, n, width) for p, n in zip(pasts, lengths)]
-        values = [left_pad(p[layer][1] if p else None, v0, n, width) for p, n in zip(pasts, lengths)]
-        packed.append((torch.cat(keys), torch.cat(values)))
-    return packed
+def with_headroom(num_tokens: int) -> int:
+    """Store capacity for `num_tokens`: room to grow without reallocating every step."""
+    return num_tokens + max(MIN_HEADROOM, num_tokens // 4)
 
 
-def left_pad(t: torch.Tensor | None, like: torch.Tensor, length: int, width: int) -> torch.Tensor:
-    pad = like.new_zeros(1, like.shape[1], width - length, like.shape[3])
-    return pad if t is None else torch.cat([pad, t[:, :, :length]], dim=2)
+def copy_past(store: KVStore, row: int, column: int, past: KVCache, length: int) -> None:
+    """Copy the first `length` positions of `past` into `store` at (row, column)."""
+    for layer, (keys, values) in enumerate(past):
+        store.ensure_layer(layer, keys, values)
+        store.keys[layer][row:row + 1, :, column:column + length] = keys[:, :, :length]
+        store.values[layer][row:row + 1, :, column:column + length] = values[:, :, :length]
 
 
-def split_kv(batch_kv: KVCache, past_lens: list[int], width: int) -> list[KVCache]:
-    """Each row's own KV (its past without padding, plus the new token), as views."""
-    return [
-        [(k[row:row + 1, :, width - n:], v[row:row + 1, :, width - n:]) for k, v in batch_kv]
-        for row, n in enumerate(past_lens)
-    ]
+@torch.inference_mode()
+def detach_kv(kv: KVCache) -> KVCache:
+    """A KV that keeps nothing else alive: views of a batch store are copied into a one-row store."""
+    if isinstance(kv, StoredKV) and kv.store.rows == 1 and kv.start == 0:
+        return kv
+    if isinstance(kv, StoredKV):
+        store = KVStore(1, with_headroom(kv.length), kv.store.num_layers)
+        copy_past(store, 0, 0, kv, kv.length)
+        store.end = kv.length
+        return StoredKV(store, 0, 0, kv.length)
+    return [(own(k), own(v)) for k, v in kv]
+
+
+def own(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that does not keep a larger tensor alive."""
+    return tensor.clone() if tensor._base is not None else tensor

@@ -54,12 +54,16 @@ class Scheduler:
         return admitted
 
     def plan(self) -> StepPlan:
-        """Prefill the sequences with several new tokens (budgeted); decode the rest together."""
+        """Decode every sequence with one new token together; prefill the others within budget.
+
+        Prefills are taken in admission order while their new tokens fit in `max_prefill_tokens`;
+        the first one always runs (even alone over budget), so no sequence waits forever.
+        """
         prefills, decodes, budget = [], [], self.config.max_prefill_tokens
         for seq in self.running:
             if seq.num_new == 1:
                 decodes.append(seq)
-            elif seq.num_new > 1 and (budget > 0 or not prefills):
+            elif seq.num_new > 1 and (not prefills or seq.num_new <= budget):
                 prefills.append(seq)
                 budget -= seq.num_new
         return StepPlan(prefills, decodes)
