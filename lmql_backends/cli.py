@@ -53,6 +53,10 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--cache-tokens", type=int, default=32768, help="prefix KV cache size in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                       help="largest request body accepted; larger ones get 413 (default 8 MiB)")
+    serve.add_argument("--drain-seconds", type=float, default=5.0,
+                       help="on SIGINT/SIGTERM, let running requests finish this long before cancelling (default 5)")
 
 
 def add_run_parser(commands) -> None:
@@ -122,7 +126,8 @@ def serve_model(args, extra: list[str]) -> None:
     engine = EngineConfig(cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
-        served_model_names=tuple(args.served_model_name), engine=engine, cuda=args.cuda,
+        served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
+        drain_seconds=args.drain_seconds, cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
 

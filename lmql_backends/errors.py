@@ -5,7 +5,10 @@ Hierarchy::
     LmqlBackendsError                 base of everything below
     ├── InvalidRequestError           a request or argument has a bad value (HTTP 400); names it
     │   ├── ContextLengthError        prompt + max_tokens exceed the model's context length
-    │   └── QuerySyntaxError          a query does not parse; carries line and column
+    │   ├── QuerySyntaxError          a query does not parse; carries line and column
+    │   ├── RequestTooLargeError      the request body is over the server's limit (HTTP 413)
+    │   ├── EndpointNotFoundError     no endpoint has this path (HTTP 404)
+    │   └── MethodNotAllowedError     the endpoint exists, not with this method (HTTP 405)
     ├── ModelNotFoundError            a request names a model this server does not serve (HTTP 404)
     ├── AuthenticationError           missing or wrong API key (HTTP 401)
     ├── OverloadedError               the request queue is full (HTTP 429 / 503, with Retry-After)
@@ -46,6 +49,18 @@ class QuerySyntaxError(InvalidRequestError):
         where = f" (line {line}, column {column})" if line is not None else ""
         super().__init__(message + where)
         self.line, self.column = line, column
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than the server's limit (HTTP 413); the message names the limit."""
+
+
+class EndpointNotFoundError(InvalidRequestError):
+    """No endpoint has this path (HTTP 404)."""
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    """The endpoint exists but not with this HTTP method (HTTP 405)."""
 
 
 class ModelNotFoundError(LmqlBackendsError):

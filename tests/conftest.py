@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
+
+import lmql_backends  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
+import torch  # noqa: E402
 
 from lmql_backends.models import TINY_MODEL_DIR, TINY_MODEL_NAME
 

@@ -17,7 +17,9 @@ import threading
 from aiohttp import web
 
 from ..engine import Engine, EngineConfig
-from ..errors import AuthenticationError
+from ..errors import (
+    AuthenticationError, EndpointNotFoundError, InvalidRequestError, MethodNotAllowedError, RequestTooLargeError,
+)
 from ..loader import LoadedModel, LoadOptions, describe, load_model
 from .errors import classify, error_headers, openai_error_body
 
@@ -25,6 +27,9 @@ log = logging.getLogger("lmql_backends.server")
 
 API_KEY_ENV = "LMQL_BACKENDS_API_KEY"
 STATE = web.AppKey("state", object)
+#: paths answered without an API key (load balancers probe them), as vLLM does
+OPEN_PATHS = frozenset({"/health"})
+DRAIN_POLL_SECONDS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +42,22 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
+    drain_seconds: float = 5.0
     engine: EngineConfig = EngineConfig()
+
+    def __post_init__(self):
+        if not is_positive_int(self.max_body_bytes):
+            raise InvalidRequestError(
+                f"max_body_bytes must be a positive number of bytes, got {self.max_body_bytes!r}", "max_body_bytes"
+            )
+        if not isinstance(self.drain_seconds, (int, float)) or not self.drain_seconds >= 0:
+            raise InvalidRequestError(
+                f"drain_seconds must be a number of seconds >= 0, got {self.drain_seconds!r}", "drain_seconds"
+            )
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass
@@ -62,34 +82,96 @@ def make_app(state: ServerState) -> web.Application:
     """The aiohttp application for `state`: shared endpoints plus one API's routes."""
     from . import legacy_api, openai_api
 
-    app = web.Application(client_max_size=state.config.max_body_bytes, middlewares=[auth_middleware])
+    app = web.Application(
+        client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, auth_middleware]
+    )
     app[STATE] = state
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
     (legacy_api if state.config.legacy else openai_api).add_routes(app)
     app.on_shutdown.append(stop_engine)
     return app
 
 
 @web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Every error that escapes a handler (aiohttp's own 404/405/413 too) in the API's format."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        error = from_http_exception(exc, get_state(request).config)
+        if error is None:
+            raise
+        return error_response(get_state(request), error)
+    except Exception as exc:  # a bug: log it, answer a 500 in the API's format
+        log.error("%s %s failed unexpectedly", request.method, request.path, exc_info=exc)
+        return error_response(get_state(request), exc)
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler):
+    """Every path but /health needs ``Authorization: Bearer <key>`` when the server has a key."""
     expected = get_state(request).config.api_key
-    if expected and not is_authorized(request.headers.get("Authorization", ""), expected):
-        exc = AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
-        return web.json_response(openai_error_body(exc), status=401)
+    is_open = not expected or request.path in OPEN_PATHS
+    if not is_open and not is_authorized(request.headers.get("Authorization", ""), expected):
+        exc = AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+        return error_response(get_state(request), exc)
     return await handler(request)
 
 
 def is_authorized(header: str, expected: str) -> bool:
     """Constant-time check of an ``Authorization: Bearer <key>`` header."""
     scheme, _, key = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), expected.encode())
+    sent = key.strip().encode("utf-8", "surrogateescape")  # headers that are not UTF-8 arrive escaped
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent, expected.encode())
 
 
 def json_error(exc: BaseException) -> web.Response:
     """An OpenAI-style error response for `exc`, with the status from the error table."""
     status, _, _ = classify(exc)
     return web.json_response(openai_error_body(exc), status=status, headers=error_headers(exc))
+
+
+def text_error(exc: BaseException) -> web.Response:
+    """A legacy-API error response: the message of `exc` as ``text/plain``, status from the error table."""
+    status, _, _ = classify(exc)
+    text = str(exc) or type(exc).__name__
+    return web.Response(body=text.encode(), status=status, content_type="text/plain", headers=error_headers(exc))
+
+
+def error_response(state: ServerState, exc: BaseException) -> web.Response:
+    """`exc` in the format of the API this server speaks (text on the legacy API, JSON otherwise)."""
+    return text_error(exc) if state.config.legacy else json_error(exc)
+
+
+def from_http_exception(exc: web.HTTPException, config: ServerConfig) -> Exception | None:
+    """Our typed error for aiohttp's 404, 405, 413 and 400 (None for the others: aiohttp answers them)."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return body_too_large(config.max_body_bytes)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowedError(f"this endpoint does not answer {exc.method}; use {allowed}")
+    if isinstance(exc, web.HTTPNotFound):
+        return EndpointNotFoundError("no endpoint has this path; see docs/new-api.md for the endpoints")
+    if isinstance(exc, web.HTTPBadRequest):
+        return InvalidRequestError(exc.text or exc.reason)
+    return None
+
+
+def body_too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(
+        f"the request body is larger than this server's limit of {limit} bytes; send a smaller request, "
+        f"or start the server with a larger --max-body-bytes"
+    )
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body; RequestTooLargeError (413) when it is over --max-body-bytes."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise body_too_large(get_state(request).config.max_body_bytes) from None
 
 
 async def health(request: web.Request) -> web.Response:
@@ -105,7 +187,22 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
+async def drain_engine(app: web.Application) -> None:
+    """At shutdown (no new connections any more): let running requests finish, at most drain_seconds."""
+    state = app[STATE]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.config.drain_seconds
+    while is_busy(state.engine) and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_SECONDS)
+
+
+def is_busy(engine: Engine) -> bool:
+    stats = engine.stats()
+    return stats.num_running + stats.num_waiting > 0
+
+
 async def stop_engine(app: web.Application) -> None:
+    """Cancel what is still running (each request gets a clean error) and stop the engine thread."""
     await asyncio.to_thread(app[STATE].engine.stop)
 
 
@@ -174,15 +271,21 @@ class ServerHandle:
 def serve(
     model: str, *, host: str = "127.0.0.1", port: int = 8080, legacy: bool = False,
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
-    engine: EngineConfig = EngineConfig(), **load_kwargs,
+    engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
+    drain_seconds: float = ServerConfig.drain_seconds, **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
-    Blocks until interrupted; with ``background=True`` returns a started `ServerHandle`
-    (``port=0`` picks a free port, read it from ``handle.port``). Other keywords are load
-    options (``cuda``, ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
+    Blocks until interrupted (SIGINT/SIGTERM: stop accepting, let running requests finish for
+    up to `drain_seconds`, cancel the rest, return); with ``background=True`` returns a started
+    `ServerHandle` (``port=0`` picks a free port, read it from ``handle.port``). Bodies over
+    `max_body_bytes` are refused with 413. Other keywords are load options (``cuda``, ``dtype``,
+    ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
-    config = ServerConfig(host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV), engine=engine)
+    config = ServerConfig(
+        host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
+        max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine,
+    )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:
         return ServerHandle(state).start()

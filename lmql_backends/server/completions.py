@@ -243,9 +243,9 @@ def read_logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...
 
 
 def read_bias_item(key: str, value: Any, vocab_size: int) -> tuple[int, float]:
-    if not re.fullmatch(r"\d+", key) or not int(key) < vocab_size:
+    if not re.fullmatch(r"[0-9]{1,18}", key) or not int(key) < vocab_size:
         raise InvalidRequestError(
-            f"'logit_bias' key {key!r} is not a token id in the vocabulary [0, {vocab_size})", "logit_bias"
+            f"'logit_bias' key {key[:24]!r} is not a token id in the vocabulary [0, {vocab_size})", "logit_bias"
         )
     if not is_number(value) or not -MAX_BIAS <= value <= MAX_BIAS:
         raise InvalidRequestError(

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from ..errors import (
-    AuthenticationError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError,
-    ModelNotFoundError, OverloadedError, RequestCancelledError,
+    AuthenticationError, ConstraintError, ContextLengthError, EndpointNotFoundError, EngineError,
+    InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, OverloadedError,
+    RequestCancelledError, RequestTooLargeError,
 )
+
 
 # (exception class, HTTP status, OpenAI error type, OpenAI error code); first match wins.
 ERROR_TABLE = [
+    (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
+    (EndpointNotFoundError, 404, "invalid_request_error", "not_found"),
+    (MethodNotAllowedError, 405, "invalid_request_error", "method_not_allowed"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ConstraintError, 400, "invalid_request_error", "unsatisfiable_constraints"),

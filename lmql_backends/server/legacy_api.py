@@ -1,9 +1,10 @@
 """The legacy LMQL 0.0.6.x inference API: ``POST /queue`` and ``GET /results/<client_id>``.
 
-The wire protocol is frozen in ``legacy/PROTOCOL.md``. A request is validated completely before
-the server answers ``200``; the work then runs in the background (forwards through the shared
-engine, so they are prefix-cached and batched with everything else) and its result waits in a
-per-client store until the client collects it. Every accepted sample gets exactly one result:
+The wire protocol is frozen in ``legacy/PROTOCOL.md``. A request is validated completely and
+submitted to the engine before the server answers ``200`` (a full engine answers ``429``); the
+work then runs in the background (forwards through the shared engine, so they are prefix-cached
+and batched with everything else) and its result waits in a per-client store until the client
+collects it. Every accepted sample gets exactly one result:
 the answer, or an error result (an extension) when the engine fails later.
 """
 
@@ -18,14 +19,16 @@ import json
 import logging
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 import torch
 from aiohttp import web
 
 from ..engine import PromptOutput, Request
-from ..errors import ContextLengthError, InvalidRequestError
-from .app import STATE, get_state
+from ..engine.engine import yield_check
+from ..errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
+from .app import STATE, get_state, read_body, text_error
+from .completions import is_valid_unicode
 
 log = logging.getLogger("lmql_backends.server.legacy")
 
@@ -244,15 +247,19 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def handle_queue(request: web.Request) -> web.Response:
-    """Validate one action, answer ``{"sample_id": ...}`` and run it in the background."""
+    """Validate one action, reserve its capacity, answer ``{"sample_id": ...}`` and run it in the background.
+
+    A full engine is refused here with ``429 text/plain`` and ``Retry-After`` (never a lost sample).
+    """
     try:
         payload = await read_payload(request)
         job = parse_job(payload, request)
+        work = begin_job(request.app, job)
     except MalformedFieldError as exc:
         return text_response(BAD_REQUEST_TEXT, {ERROR_DETAIL_HEADER: header_safe(str(exc))})
-    except InvalidRequestError as exc:
-        return text_response(str(exc))
-    start_job(request.app, job)
+    except LmqlBackendsError as exc:  # invalid values (400), body over the limit (413), overload (429)
+        return text_error(exc)
+    start_job(request.app, job, work)
     return web.Response(body=json.dumps({"sample_id": job.sample.sample_id}).encode(), content_type="application/json")
 
 
@@ -266,9 +273,10 @@ def header_safe(text: str) -> str:
 
 async def read_payload(request: web.Request) -> dict:
     """The JSON object of the body, with its ``action`` and ``sample_id``."""
+    body = await read_body(request)
     try:
-        payload = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedFieldError(f"the body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(payload, dict):
         raise MalformedFieldError(f"the body is a JSON {type(payload).__name__}; send a JSON object")
@@ -306,6 +314,10 @@ def parse_tokenize(payload: dict, request: web.Request) -> TokenizeJob:
     sample = make_sample(payload, request)
     if not isinstance(text, str):
         raise MalformedFieldError(f"text must be a string, got {json.dumps(text)[:80]}")
+    if not is_valid_unicode(text):
+        raise InvalidRequestError(
+            "text contains an unpaired surrogate (an invalid \\u escape); send valid Unicode", "text"
+        )
     return TokenizeJob(sample, text)
 
 
@@ -411,18 +423,34 @@ def check_vocabulary(ids, name: str, vocab_size: int) -> None:
 # ---- running jobs ---------------------------------------------------------------------------
 
 
-def start_job(app: web.Application, job: Job) -> None:
-    """Run `job` in the background; its result (or error result) goes to the store."""
+def begin_job(app: web.Application, job: Job) -> Coroutine[Any, Any, tuple[str, str]]:
+    """Reserve what `job` needs now (OverloadedError when full); return the coroutine that finishes it."""
+    check_capacity(app)
+    if isinstance(job, ForwardJob):
+        return begin_forward(app, job)
+    return JOB_RUNNERS[type(job)](app, job)
+
+
+def check_capacity(app: web.Application) -> None:
+    """At most as many jobs in flight as the engine holds requests (tokenize jobs included)."""
+    config = app[STATE].engine.config
+    limit = config.max_queue + config.max_num_seqs
+    if len(app[LEGACY].tasks) >= limit:
+        raise OverloadedError(f"the server is at capacity ({limit} samples in flight); retry later")
+
+
+def start_job(app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]]) -> None:
+    """Run `work` in the background; its result (or error result) goes to the store."""
     legacy = app[LEGACY]
-    task = asyncio.create_task(run_job(app, job))
+    task = asyncio.create_task(run_job(app, job, work))
     legacy.tasks.add(task)
     task.add_done_callback(legacy.tasks.discard)
 
 
-async def run_job(app: web.Application, job: Job) -> None:
+async def run_job(app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]]) -> None:
     store = app[LEGACY].store
     try:
-        field, value_json = await JOB_RUNNERS[type(job)](app, job)
+        field, value_json = await work
         store.put(job.sample.client_key, encode_result(job.sample, field, value_json))
     except Exception as exc:  # deliver every failure as an error result: no sample is lost
         log.info("legacy sample %r failed: %s", job.sample.sample_id, exc)
@@ -433,21 +461,75 @@ def error_text(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def run_forward(app: web.Application, job: ForwardJob) -> tuple[str, str]:
-    engine = app[STATE].engine
-    rows = await asyncio.gather(*(next_token_logits(engine, list(row)) for row in job.rows))
-    return "next_token_logits", await encode_logits(rows, job.is_batched)
+@dataclasses.dataclass(eq=False)
+class RowForward:
+    """One forward row accepted by the engine; its outputs arrive on `outputs` (prefix-cached, batched)."""
+
+    engine: Any
+    request: Request
+    outputs: asyncio.Queue
+
+    @classmethod
+    def submit(cls, engine, ids: list[int]) -> "RowForward":
+        """Submit now: OverloadedError (or RequestCancelledError) is raised here, not later."""
+        row = cls(engine, Request(ids, return_logits=True), asyncio.Queue())
+        engine.submit(row.request, functools.partial(row.deliver, asyncio.get_running_loop()))
+        return row
+
+    def deliver(self, loop: asyncio.AbstractEventLoop, item) -> None:
+        """Called on the engine thread with each output."""
+        try:
+            loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # the server's loop is gone
+            self.engine.abort(self.request.request_id)
+
+    async def next_token_logits(self) -> torch.Tensor:
+        """The raw last-position logits of the row; aborts the request if cancelled first."""
+        logits, finished = None, False
+        try:
+            while not finished:
+                out = await self.outputs.get()
+                finished = yield_check(out)  # raises the error of an ErrorOutput
+                logits = out.logits if isinstance(out, PromptOutput) else logits
+        finally:
+            if not finished:
+                self.engine.abort(self.request.request_id)
+        if logits is None:
+            raise RuntimeError("the engine finished a forward without its logits")
+        return logits
 
 
-async def next_token_logits(engine, ids: list[int]) -> torch.Tensor:
-    """The raw last-position logits of `ids`, through the engine (prefix-cached, batched)."""
-    logits = None
-    async for out in engine.stream(Request(ids, return_logits=True)):
-        if isinstance(out, PromptOutput):
-            logits = out.logits
-    if logits is None:
-        raise RuntimeError("the engine finished a forward without its logits")
-    return logits
+def submit_rows(engine, rows: tuple[tuple[int, ...], ...]) -> list[RowForward]:
+    """Submit every row, or none: if one is refused, the ones already accepted are aborted."""
+    submitted: list[RowForward] = []
+    try:
+        for row in rows:
+            submitted.append(RowForward.submit(engine, list(row)))
+    except BaseException:
+        for row in submitted:
+            engine.abort(row.request.request_id)
+        raise
+    return submitted
+
+
+def begin_forward(app: web.Application, job: ForwardJob) -> Coroutine[Any, Any, tuple[str, str]]:
+    """Submit the rows now; overload raises (429), any other refusal becomes the sample's error result."""
+    try:
+        rows = submit_rows(app[STATE].engine, job.rows)
+    except OverloadedError:
+        raise
+    except Exception as exc:  # e.g. the engine is stopping: the sample is accepted and gets an error result
+        return raise_later(exc)
+    return run_forward(rows, job.is_batched)
+
+
+async def raise_later(exc: Exception) -> tuple[str, str]:
+    raise exc
+
+
+async def run_forward(rows: list[RowForward], is_batched: bool) -> tuple[str, str]:
+    logits = await asyncio.gather(*(row.next_token_logits() for row in rows))
+    return "next_token_logits", await encode_logits(logits, is_batched)
 
 
 async def run_tokenize(app: web.Application, job: TokenizeJob) -> tuple[str, str]:
@@ -477,7 +559,7 @@ async def in_tokenizer_thread(app: web.Application, function, *args):
     return await loop.run_in_executor(app[LEGACY].tokenizer_pool, function, *args)
 
 
-JOB_RUNNERS = {ForwardJob: run_forward, TokenizeJob: run_tokenize, DetokenizeJob: run_detokenize}
+JOB_RUNNERS = {TokenizeJob: run_tokenize, DetokenizeJob: run_detokenize}
 
 
 # ---- encoding -------------------------------------------------------------------------------

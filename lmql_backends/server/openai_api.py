@@ -22,7 +22,7 @@ from typing import Any, AsyncGenerator, AsyncIterator
 from aiohttp import web
 
 from ..errors import LmqlBackendsError
-from .app import ServerState, get_state, json_error
+from .app import ServerState, get_state, json_error, read_body
 from .completions import ChoicePlan, CompletionRequest, decode_json_body, make_choice_plans
 from .errors import openai_error_body
 from .text import ChoiceBuilder, ChoiceDelta, TokenNamer
@@ -47,7 +47,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions: validate everything, start the choices, answer (JSON or SSE)."""
     state = get_state(request)
     try:
-        completion = CompletionRequest.from_json(decode_json_body(await request.read()), state)
+        completion = CompletionRequest.from_json(decode_json_body(await read_body(request)), state)
         started = await start_choices(state.engine, make_choice_plans(completion, state))
     except Exception as exc:
         log_unexpected(exc)

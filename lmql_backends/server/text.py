@@ -150,10 +150,21 @@ class StopMatcher:
     def _release_end(self, search_from: int, is_final: bool) -> int:
         """Where the releasable text ends: at a stop, or before a possible stop start."""
         stop_at = self._stop_position(search_from)
-        if stop_at is not None:
-            self.is_stopped = True
-            return stop_at
-        return len(self.text) if is_final else len(self.text) - self._num_held_back()
+        if stop_at is None:
+            return len(self.text) if is_final else len(self.text) - self._num_held_back()
+        earlier = None if is_final else self._incomplete_stop_start(search_from, stop_at)
+        if earlier is not None:  # a longer stop may still complete before the one found
+            return earlier
+        self.is_stopped = True
+        return stop_at
+
+    def _incomplete_stop_start(self, search_from: int, before: int) -> int | None:
+        """The first position before `before` where the text ends inside a stop string."""
+        for start in range(max(search_from, len(self.text) - self.max_stop_len + 1), before):
+            tail = self.text[start:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stops):
+                return start
+        return None
 
     def _stop_position(self, search_from: int) -> int | None:
         found = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
