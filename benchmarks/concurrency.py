@@ -1,0 +1,119 @@
+"""Concurrency: 1, 2, 4, 8 and 16 greedy streams at once against the new server.
+
+Each stream is a raw streamed ``/v1/completions`` request (token-id prompt of 16 tokens,
+different per stream, ``ignore_eos``), timed per token as it arrives. For each number of
+streams: aggregate tokens/s (all tokens / wall time) and the p50 / p95 per-token latency (the
+gaps between consecutive tokens of a stream, over all streams). Figure: aggregate tokens/s
+with N streams / with one stream. Target: 8 streams >= 3x one stream (continuous batching).
+
+    python benchmarks/concurrency.py [--quick] [--model tiny|gpt2-small|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import time
+
+from common import (
+    BenchContext, BenchModel, Figure, StreamTiming, at_least, load_tokenizer_of, make_http_session, make_prompt_ids,
+    median, percentile, run_standalone, stream_completion,
+)
+
+BENCHMARK = "concurrency"
+STREAM_COUNTS = (1, 2, 4, 8, 16)
+PROMPT_TOKENS = 16
+TARGETS = {8: at_least(3.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """N streams run at once: their token timings and the wall time of the whole round."""
+
+    timings: tuple[StreamTiming, ...]
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(t.num_tokens for t in self.timings) / self.seconds
+
+    def gaps(self) -> list[float]:
+        return [gap for t in self.timings for gap in t.gaps()]
+
+
+async def run_round(session, base_url: str, model: str, prompts: list[list[int]], num_tokens: int) -> RoundResult:
+    start = time.perf_counter()
+    timings = await asyncio.gather(*(stream_completion(session, base_url, model, p, num_tokens) for p in prompts))
+    return RoundResult(tuple(timings), time.perf_counter() - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamsSummary:
+    """Medians over repetitions for one number of streams."""
+
+    num_streams: int
+    tokens_per_second: float
+    p50_ms: float
+    p95_ms: float
+
+
+async def measure_model(context: BenchContext, model: BenchModel, session) -> list[StreamsSummary]:
+    server = context.servers.get(model.name)
+    tokenizer = load_tokenizer_of(model)
+    num_tokens = context.settings.pick(64, 16)
+
+    def prompts(num_streams: int, rep: int) -> list[list[int]]:
+        return [make_prompt_ids(tokenizer, PROMPT_TOKENS, seed=5000 + 100 * rep + 17 * num_streams + i)
+                for i in range(num_streams)]
+
+    await run_round(session, server.base_url, model.name, prompts(2, 99), 4)  # warm up
+    rounds: dict[int, list[RoundResult]] = {n: [] for n in STREAM_COUNTS}
+    for rep in range(context.settings.repetitions):
+        for n in STREAM_COUNTS:
+            rounds[n].append(await run_round(session, server.base_url, model.name, prompts(n, rep), num_tokens))
+    return [summarize(n, rounds[n]) for n in STREAM_COUNTS]
+
+
+def summarize(num_streams: int, rounds: list[RoundResult]) -> StreamsSummary:
+    gaps = [gap for r in rounds for gap in r.gaps()]
+    return StreamsSummary(
+        num_streams, median([r.tokens_per_second for r in rounds]), percentile(gaps, 50) * 1e3, percentile(gaps, 95) * 1e3,
+    )
+
+
+def make_figures(model: BenchModel, summaries: list[StreamsSummary]) -> list[Figure]:
+    one = summaries[0]
+    figures = []
+    for s in summaries[1:]:
+        detail = (f"{s.tokens_per_second:.1f} vs {one.tokens_per_second:.1f} tokens/s; per-token p50 "
+                  f"{s.p50_ms:.1f} ms, p95 {s.p95_ms:.1f} ms (1 stream: {one.p50_ms:.1f} / {one.p95_ms:.1f})")
+        name = f"aggregate tokens/s, {s.num_streams} streams / 1 stream"
+        ratio = s.tokens_per_second / one.tokens_per_second
+        figures.append(Figure(BENCHMARK, model.label, name, ratio, detail, TARGETS.get(s.num_streams)))
+    return figures
+
+
+async def run(context: BenchContext) -> list[Figure]:
+    """Concurrency figures of every model of `context`."""
+    figures = []
+    async with make_http_session() as session:
+        for model in context.models:
+            summaries = await measure_model(context, model, session)
+            for s in summaries:
+                print(f"{model.label}: {s.num_streams:2d} streams {s.tokens_per_second:7.1f} tokens/s, "
+                      f"per-token p50 {s.p50_ms:.1f} ms p95 {s.p95_ms:.1f} ms", flush=True)
+            figures += make_figures(model, summaries)
+    return figures
+
+
+def main() -> None:
+    from common import add_common_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    run_standalone(run, parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
