@@ -95,6 +95,17 @@ def masked_logprobs(logits: torch.Tensor, mask: torch.Tensor | None, sampling: S
     return token_logprobs(logits, sampling)
 
 
+def restrict_to_tokenizer(mask: torch.Tensor | None, num_tokens: int, num_logits: int | None) -> torch.Tensor | None:
+    """`mask`, or for "every token" a mask of the tokenizer's tokens when the model has more logits.
+
+    Models often pad their output layer past the tokenizer's vocabulary; those ids decode to
+    nothing, so "every token" means every token the tokenizer has.
+    """
+    if mask is not None or num_logits is None or num_logits <= num_tokens:
+        return mask
+    return torch.ones(num_tokens, dtype=torch.bool)
+
+
 def check_top_k(k: int) -> None:
     from ..errors import InvalidRequestError
 

@@ -10,7 +10,7 @@ import torch
 from ..engine import Engine, EngineConfig, PromptOutput, Request, SamplingParams, TokenOutput
 from ..engine.sampling import make_mask_processor, top_logprobs
 from ..loader import LoadedModel, LoadOptions, load_model
-from .base import LMClient, TokenChoice, check_top_k, masked_logprobs
+from .base import LMClient, TokenChoice, check_top_k, masked_logprobs, restrict_to_tokenizer
 
 _engines: dict[int, Engine] = {}
 _engines_lock = threading.Lock()
@@ -45,6 +45,7 @@ class InProcessClient(LMClient):
         self.context_length = self.loaded.context_length
 
     async def generate(self, ids, mask, max_tokens, sampling: SamplingParams) -> list[TokenChoice]:
+        mask = restrict_to_tokenizer(mask, self.num_tokens, self.loaded.vocab_size)
         processors = (make_mask_processor(mask),) if mask is not None else ()
         stop = frozenset({self.eos_token_id}) if self.eos_token_id is not None else frozenset()
         request = Request(list(ids), max_tokens, sampling, processors, stop)
@@ -56,6 +57,7 @@ class InProcessClient(LMClient):
     async def top_tokens(self, ids, mask, k: int) -> list[TokenChoice]:
         check_top_k(k)
         logits = await self.next_token_logits(ids)
+        mask = restrict_to_tokenizer(mask, self.num_tokens, logits.shape[-1])
         logprobs = masked_logprobs(logits, mask, SamplingParams())
         return [TokenChoice(t, lp) for t, lp in top_logprobs(logprobs, k) if lp > float("-inf")]
 

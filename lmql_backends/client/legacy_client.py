@@ -29,7 +29,7 @@ from ..loader import load_context_length
 from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, InvalidRequestError,
 )
-from .base import LMClient, TokenChoice, check_top_k, masked_logprobs
+from .base import LMClient, TokenChoice, check_top_k, masked_logprobs, restrict_to_tokenizer
 
 POLL_INTERVAL_SECONDS = 0.05
 LONG_POLL_SECONDS = 10.0
@@ -257,6 +257,7 @@ class LegacyClient(LMClient):
         if max_tokens == 0:
             return []
         logits = await self.next_token_logits(ids)
+        mask = restrict_to_tokenizer(mask, self.num_tokens, logits.shape[-1])
         if mask is not None:
             logits = make_mask_processor(mask)(ids, logits)
         token, logprobs = select_token(logits, sampling, len(ids))
@@ -264,7 +265,9 @@ class LegacyClient(LMClient):
 
     async def top_tokens(self, ids, mask, k: int) -> list[TokenChoice]:
         check_top_k(k)
-        logprobs = masked_logprobs(await self.next_token_logits(ids), mask, SamplingParams())
+        logits = await self.next_token_logits(ids)
+        mask = restrict_to_tokenizer(mask, self.num_tokens, logits.shape[-1])
+        logprobs = masked_logprobs(logits, mask, SamplingParams())
         return [TokenChoice(t, lp) for t, lp in top_logprobs(logprobs, k) if lp > float("-inf")]
 
     async def score(self, ids, num_context: int) -> list[float]:

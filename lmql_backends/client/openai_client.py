@@ -24,7 +24,7 @@ from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, ConstraintError, InvalidRequestError,
     LmqlBackendsError,
 )
-from .base import LMClient, TokenChoice, check_top_k
+from .base import LMClient, TokenChoice, check_top_k, restrict_to_tokenizer
 
 TOKEN_ID_PATTERN = r"token_id:(\d+)"
 SSE_DATA = "data:"
@@ -151,6 +151,7 @@ class OpenAIClient(LMClient):
     async def _allowed_ids(self, mask: torch.Tensor | None) -> list[int] | None:
         """The mask as allowed_token_ids; None when it allows every token the model has."""
         info = await self.connect()
+        mask = restrict_to_tokenizer(mask, self.num_tokens, info.vocab_size)
         if mask is None:
             return None
         allowed = mask.bool().reshape(-1)

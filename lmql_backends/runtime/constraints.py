@@ -250,7 +250,8 @@ class BoundInt(Bound):
         return INT_PATTERN.fullmatch(record.text.encode()) is not None
 
     def useful_tokens(self, progress):
-        return 1 if not progress.data else None
+        # the mask gains EOS with the first digit, then stays the same
+        return None if any(48 <= b <= 57 for b in progress.value_bytes) else 1
 
 
 @dataclasses.dataclass(frozen=True)
