@@ -67,9 +67,11 @@ def is_healthy(port: int) -> bool:
 
 def is_refusing(url: str) -> bool:
     try:
-        requests.get(url + "/health", timeout=1)
+        requests.get(url + "/health", timeout=2)
     except requests.ConnectionError:
         return True
+    except requests.Timeout:  # accepted just before the listener closed, on a busy machine: ask again
+        return False
     return False
 
 
@@ -107,7 +109,7 @@ def test_streams_in_flight_finish_or_end_cleanly_and_the_process_exits_0(signal_
                        for i, (n, f) in enumerate(zip(lengths, started))]
             concurrent.futures.wait(started, timeout=60)
             process.send_signal(signal_number)
-            assert wait_until(lambda: is_refusing(url), seconds=5), "still accepting connections after the signal"
+            assert wait_until(lambda: is_refusing(url), seconds=15), "still accepting connections after the signal"
             outcomes = [assert_complete_or_cleanly_cancelled(s.result(timeout=CLIENT_TIMEOUT)) for s in streams]
         assert process.wait(EXIT_SECONDS) == 0
     assert all(outcome == "complete" for outcome in outcomes[::2]), outcomes  # short ones finish while draining
