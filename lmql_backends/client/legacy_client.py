@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import numpy
 import torch
 
 from ..engine.sampling import SamplingParams, make_mask_processor, select_token, top_logprobs
@@ -248,7 +249,8 @@ class LegacyClient(LMClient):
         """The raw next-token logits after `ids`, as float32 (exactly what the server computed)."""
         if not ids:
             raise InvalidRequestError("ids is empty; send at least one token id (the decoder puts BOS first)", "ids")
-        return torch.tensor(await self.transport.forward(ids), dtype=torch.float32)
+        # numpy converts a list of floats ~3x faster than torch.tensor does
+        return torch.from_numpy(numpy.asarray(await self.transport.forward(ids), dtype=numpy.float32))
 
     async def generate(self, ids, mask, max_tokens: int, sampling: SamplingParams) -> list[TokenChoice]:
         """ONE token per call: mask the logits here and choose exactly as the engine does."""
