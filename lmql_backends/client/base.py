@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import urllib.parse
 from typing import Any
 
 import torch
@@ -95,6 +96,15 @@ def masked_logprobs(logits: torch.Tensor, mask: torch.Tensor | None, sampling: S
     return token_logprobs(logits, sampling)
 
 
+def top_choices(logits: torch.Tensor, mask: torch.Tensor | None, k: int, num_tokens: int) -> list[TokenChoice]:
+    """The `k` most likely tokens of full next-token `logits` under `mask` (for clients that get logits)."""
+    from ..engine.sampling import top_logprobs
+
+    mask = restrict_to_tokenizer(mask, num_tokens, logits.shape[-1])
+    logprobs = masked_logprobs(logits, mask, SamplingParams())
+    return [TokenChoice(t, lp) for t, lp in top_logprobs(logprobs, k) if lp > float("-inf")]
+
+
 def restrict_to_tokenizer(mask: torch.Tensor | None, num_tokens: int, num_logits: int | None) -> torch.Tensor | None:
     """`mask`, or for "every token" a mask of the tokenizer's tokens when the model has more logits.
 
@@ -104,6 +114,36 @@ def restrict_to_tokenizer(mask: torch.Tensor | None, num_tokens: int, num_logits
     if mask is not None or num_logits is None or num_logits <= num_tokens:
         return mask
     return torch.ones(num_tokens, dtype=torch.bool)
+
+
+def make_base_url(endpoint: str, drop_suffix: str | None = None) -> str:
+    """``"localhost:8080"`` or ``"http://host:port/"`` → ``"http://host:port"``.
+
+    `drop_suffix` (e.g. ``"/v1"``) is removed when the endpoint ends with it, so the base URLs
+    OpenAI SDKs use work too.
+    """
+    from ..errors import InvalidRequestError
+
+    text = endpoint.strip().rstrip("/") if isinstance(endpoint, str) else ""
+    if text and "://" not in text:
+        text = "http://" + text
+    if drop_suffix and text.endswith(drop_suffix):
+        text = text[:-len(drop_suffix)]
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidRequestError(
+            f"endpoint {endpoint!r} is not of the form 'host:port' or 'http://host:port'", "endpoint"
+        )
+    return text
+
+
+def check_chunk_timeout(chunk_timeout: float) -> float:
+    """`chunk_timeout` as a float, or InvalidRequestError naming it when it is not > 0."""
+    from ..errors import InvalidRequestError
+
+    if isinstance(chunk_timeout, bool) or not isinstance(chunk_timeout, (int, float)) or not chunk_timeout > 0:
+        raise InvalidRequestError(f"chunk_timeout must be > 0 seconds, got {chunk_timeout!r}", "chunk_timeout")
+    return float(chunk_timeout)
 
 
 def check_top_k(k: int) -> None:

@@ -8,9 +8,9 @@ import threading
 import torch
 
 from ..engine import Engine, EngineConfig, PromptOutput, Request, SamplingParams, TokenOutput
-from ..engine.sampling import make_mask_processor, top_logprobs
+from ..engine.sampling import make_mask_processor
 from ..loader import LoadedModel, LoadOptions, load_model
-from .base import LMClient, TokenChoice, check_top_k, masked_logprobs, restrict_to_tokenizer
+from .base import LMClient, TokenChoice, check_top_k, restrict_to_tokenizer, top_choices
 
 _engines: dict[int, Engine] = {}
 _engines_lock = threading.Lock()
@@ -56,10 +56,7 @@ class InProcessClient(LMClient):
 
     async def top_tokens(self, ids, mask, k: int) -> list[TokenChoice]:
         check_top_k(k)
-        logits = await self.next_token_logits(ids)
-        mask = restrict_to_tokenizer(mask, self.num_tokens, logits.shape[-1])
-        logprobs = masked_logprobs(logits, mask, SamplingParams())
-        return [TokenChoice(t, lp) for t, lp in top_logprobs(logprobs, k) if lp > float("-inf")]
+        return top_choices(await self.next_token_logits(ids), mask, k, self.num_tokens)
 
     async def next_token_logits(self, ids) -> torch.Tensor:
         """The raw next-token logits after `ids` (what the legacy `forward` returns)."""

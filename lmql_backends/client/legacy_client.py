@@ -25,12 +25,14 @@ import aiohttp
 import numpy
 import torch
 
-from ..engine.sampling import SamplingParams, make_mask_processor, select_token, top_logprobs
+from ..engine.sampling import SamplingParams, make_mask_processor, select_token
 from ..loader import load_context_length
 from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, InvalidRequestError,
 )
-from .base import LMClient, TokenChoice, check_top_k, masked_logprobs, restrict_to_tokenizer
+from .base import (
+    LMClient, TokenChoice, check_chunk_timeout, check_top_k, make_base_url, restrict_to_tokenizer, top_choices,
+)
 
 POLL_INTERVAL_SECONDS = 0.05
 LONG_POLL_SECONDS = 10.0
@@ -38,19 +40,6 @@ LONG_POLL_SECONDS = 10.0
 MAX_SCORE_IN_FLIGHT = 16
 LONG_POLL_HEADER = "X-Long-Poll"
 ERROR_DETAIL_HEADER = "X-Error-Detail"
-
-
-def make_base_url(endpoint: str) -> str:
-    """``"localhost:8080"`` or ``"http://host:port/"`` → ``"http://host:port"``."""
-    text = endpoint.strip().rstrip("/")
-    if "://" not in text:
-        text = "http://" + text
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise InvalidRequestError(
-            f"legacy endpoint {endpoint!r} is not of the form 'host:port' or 'http://host:port'", "endpoint"
-        )
-    return text
 
 
 @dataclasses.dataclass(eq=False)
@@ -237,13 +226,11 @@ class LegacyClient(LMClient):
     def __init__(
         self, name: str, endpoint: str, tokenizer, *, api_key: str | None = None, chunk_timeout: float = 30.0
     ):
-        if not chunk_timeout > 0:
-            raise InvalidRequestError(f"chunk_timeout must be > 0 seconds, got {chunk_timeout!r}", "chunk_timeout")
         self.name = name
         self.tokenizer = tokenizer
         self.context_length = load_context_length(name)
         self.endpoint = make_base_url(endpoint)
-        self.transport = LegacyTransport(self.endpoint, name, api_key, chunk_timeout)
+        self.transport = LegacyTransport(self.endpoint, name, api_key, check_chunk_timeout(chunk_timeout))
 
     async def next_token_logits(self, ids: list[int]) -> torch.Tensor:
         """The raw next-token logits after `ids`, as float32 (exactly what the server computed)."""
@@ -267,10 +254,7 @@ class LegacyClient(LMClient):
 
     async def top_tokens(self, ids, mask, k: int) -> list[TokenChoice]:
         check_top_k(k)
-        logits = await self.next_token_logits(ids)
-        mask = restrict_to_tokenizer(mask, self.num_tokens, logits.shape[-1])
-        logprobs = masked_logprobs(logits, mask, SamplingParams())
-        return [TokenChoice(t, lp) for t, lp in top_logprobs(logprobs, k) if lp > float("-inf")]
+        return top_choices(await self.next_token_logits(ids), mask, k, self.num_tokens)
 
     async def score(self, ids, num_context: int) -> list[float]:
         """One forward per scored token, issued concurrently; the raw log_softmax of each."""

@@ -24,7 +24,7 @@ from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, ConstraintError, InvalidRequestError,
     LmqlBackendsError,
 )
-from .base import LMClient, TokenChoice, check_top_k, restrict_to_tokenizer
+from .base import LMClient, TokenChoice, check_chunk_timeout, check_top_k, make_base_url, restrict_to_tokenizer
 
 TOKEN_ID_PATTERN = r"token_id:(\d+)"
 SSE_DATA = "data:"
@@ -71,13 +71,11 @@ class OpenAIClient(LMClient):
     def __init__(
         self, name: str, endpoint: str, tokenizer, *, api_key: str | None = None, chunk_timeout: float = 30.0
     ):
-        if not chunk_timeout > 0:
-            raise InvalidRequestError(f"chunk_timeout must be > 0 seconds, got {chunk_timeout!r}", "chunk_timeout")
         self.name = name
         self.tokenizer = tokenizer
-        self.base_url = make_base_url(endpoint)
+        self.base_url = make_base_url(endpoint, drop_suffix="/v1")
         self.api_key = api_key
-        self.chunk_timeout = float(chunk_timeout)
+        self.chunk_timeout = check_chunk_timeout(chunk_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._info: ModelInfo | None = None
@@ -264,16 +262,6 @@ class OpenAIClient(LMClient):
             ) from exc
         except (aiohttp.ClientError, ValueError) as exc:  # bad JSON (a ValueError), bad HTTP
             raise BackendResponseError(f"{self.base_url} sent an answer that cannot be read: {exc}") from exc
-
-
-def make_base_url(endpoint: str) -> str:
-    """``"localhost:8080"`` or ``"http://host:port[/v1]"`` → ``"http://host:port"``."""
-    if not isinstance(endpoint, str) or not endpoint.strip():
-        raise InvalidRequestError(f"endpoint must be like 'localhost:8080', got {endpoint!r}", "endpoint")
-    url = endpoint.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    return url[:-len("/v1")] if url.endswith("/v1") else url
 
 
 def url_port(url: str) -> int:

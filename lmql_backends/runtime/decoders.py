@@ -20,7 +20,7 @@ import math
 import secrets
 from typing import Any, Sequence
 
-from ..client.base import MAX_TOP_TOKENS, LMClient
+from ..client.base import MAX_TOP_TOKENS, LMClient, check_chunk_timeout
 from ..engine.sampling import SamplingParams
 from ..errors import BackendError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError
 from ..language.parser import DistributionClause, Query
@@ -96,8 +96,7 @@ def check_decoder(spec: DecoderSpec) -> None:
         raise InvalidRequestError(f"temperature must be a number >= 0, got {spec.temperature!r}", "temperature")
     if not isinstance(spec.top_p, (int, float)) or not 0 < spec.top_p <= 1:
         raise InvalidRequestError(f"top_p must be in (0, 1], got {spec.top_p!r}", "top_p")
-    if not isinstance(spec.chunk_timeout, (int, float)) or not spec.chunk_timeout > 0:
-        raise InvalidRequestError(f"chunk_timeout must be > 0 seconds, got {spec.chunk_timeout!r}", "chunk_timeout")
+    check_chunk_timeout(spec.chunk_timeout)
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:

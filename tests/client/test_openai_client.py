@@ -11,7 +11,8 @@ import torch
 from aiohttp import web
 
 from lmql_backends.client.inprocess import InProcessClient
-from lmql_backends.client.openai_client import OpenAIClient, make_base_url
+from lmql_backends.client.base import make_base_url
+from lmql_backends.client.openai_client import OpenAIClient
 from lmql_backends.engine import SamplingParams
 from lmql_backends.errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, ConstraintError, InvalidRequestError,
@@ -149,7 +150,7 @@ async def test_endpoint_with_scheme_and_v1_works(new_server, inprocess, prompt_i
 
 def test_endpoint_forms():
     assert make_base_url("localhost:8080") == "http://localhost:8080"
-    assert make_base_url("http://127.0.0.1:9000/v1/") == "http://127.0.0.1:9000"
+    assert make_base_url("http://127.0.0.1:9000/v1/", drop_suffix="/v1") == "http://127.0.0.1:9000"
     with pytest.raises(InvalidRequestError, match="endpoint"):
         make_base_url("  ")
 
