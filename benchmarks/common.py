@@ -471,6 +471,27 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--model", choices=("tiny", "gpt2-small", "all"), default="all", help="models (default all)")
 
 
+def standalone_main(run: Callable[[BenchContext], Awaitable[list[Figure]]], doc: str) -> None:
+    """The `main` of every benchmark script: the common flags, then `run_standalone`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_arguments(parser)
+    run_standalone(run, parser.parse_args())
+
+
+async def measure_each_model(context: "BenchContext", make_bench, session) -> list[Figure]:
+    """Figures of ``make_bench(context, model, session)`` for every model (its legacy client closed)."""
+    figures = []
+    for model in context.models:
+        bench = make_bench(context, model, session)
+        try:
+            figures += bench.figures(await bench.measure())
+        finally:
+            await bench.legacy.aclose()
+    return figures
+
+
 def run_standalone(run: Callable[[BenchContext], Awaitable[list[Figure]]], args) -> None:
     """Run one benchmark script on its own: build models, start servers, print its table."""
     set_threads()

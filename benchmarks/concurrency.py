@@ -11,14 +11,13 @@ with N streams / with one stream. Target: 8 streams >= 3x one stream (continuous
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import time
 
 from common import (
     BenchContext, BenchModel, Figure, StreamTiming, at_least, load_tokenizer_of, make_http_session, make_prompt_ids,
-    median, percentile, run_standalone, stream_completion,
+    median, percentile, standalone_main, stream_completion,
 )
 
 BENCHMARK = "concurrency"
@@ -107,13 +106,5 @@ async def run(context: BenchContext) -> list[Figure]:
     return figures
 
 
-def main() -> None:
-    from common import add_common_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    run_standalone(run, parser.parse_args())
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(run, __doc__)

@@ -17,13 +17,12 @@ forward of one token, whatever the length).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from common import (
     BenchContext, BenchModel, Figure, alternate_medians, at_most, make_http_session, make_prompt_ids, median,
-    run_standalone, stream_completion,
+    measure_each_model, standalone_main, stream_completion,
 )
 
 from lmql_backends.client.inprocess import InProcessClient
@@ -101,24 +100,9 @@ class Scaling:
 
 async def run(context: BenchContext) -> list[Figure]:
     """Prompt-scaling figures of every model of `context`."""
-    figures = []
     async with make_http_session() as session:
-        for model in context.models:
-            bench = Scaling(context, model, session)
-            try:
-                figures += bench.figures(await bench.measure())
-            finally:
-                await bench.legacy.aclose()
-    return figures
-
-
-def main() -> None:
-    from common import add_common_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    run_standalone(run, parser.parse_args())
+        return await measure_each_model(context, Scaling, session)
 
 
 if __name__ == "__main__":
-    main()
+    standalone_main(run, __doc__)

@@ -16,12 +16,11 @@ new server >= 0.85, legacy server >= 0.75.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from common import (
     BenchContext, BenchModel, Figure, Target, alternate_medians, as_async, at_least, hand_greedy_loop,
-    make_prompt_ids, num_tokens_before_eos, run_standalone,
+    make_prompt_ids, num_tokens_before_eos, standalone_main,
 )
 
 from lmql_backends.client.base import LMClient
@@ -160,13 +159,5 @@ async def run(context: BenchContext) -> list[Figure]:
     return figures
 
 
-def main() -> None:
-    from common import add_common_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    run_standalone(run, parser.parse_args())
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(run, __doc__)

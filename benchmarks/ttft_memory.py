@@ -17,14 +17,13 @@ Figures are ratios to the reference (time) and to the bare process (memory); no 
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 
 from common import (
     BenchContext, BenchModel, Figure, ServerProcess, alternate_medians, as_async, hand_greedy_loop, make_http_session,
-    make_prompt_ids, rss_mib, run_standalone, server_env, stream_completion,
+    make_prompt_ids, measure_each_model, rss_mib, standalone_main, server_env, stream_completion,
 )
 
 from lmql_backends.client.inprocess import InProcessClient
@@ -130,26 +129,12 @@ async def memory_figures(model: BenchModel, session) -> list[Figure]:
 
 async def run(context: BenchContext) -> list[Figure]:
     """Time-to-first-token and memory figures of every model of `context`."""
-    figures = []
     async with make_http_session() as session:
-        for model in context.models:
-            bench = FirstToken(context, model, session)
-            try:
-                figures += bench.figures(await bench.measure())
-            finally:
-                await bench.legacy.aclose()
+        figures = await measure_each_model(context, FirstToken, session)
         for model in context.models:
             figures += await memory_figures(model, session)
     return figures
 
 
-def main() -> None:
-    from common import add_common_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    run_standalone(run, parser.parse_args())
-
-
 if __name__ == "__main__":
-    main()
+    standalone_main(run, __doc__)

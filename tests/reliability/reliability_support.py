@@ -1,7 +1,7 @@
 """Helpers shared by the reliability tests: servers on loopback, error-format checks, references.
 
 Imported as a plain module (the tests/reliability folder is on sys.path under pytest's default
-import mode); it holds functions only, no fixtures.
+import mode); it holds functions and hypothesis strategies only, no fixtures.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import uuid
 
 import requests
 import torch
+from hypothesis import strategies as st
 
 from lmql_backends.engine import EngineConfig
 from lmql_backends.server.app import ServerHandle, serve
@@ -19,6 +20,16 @@ from lmql_backends.server.app import ServerHandle, serve
 MODEL = "builtin:tiny"
 HTTP_TIMEOUT = 30
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
+
+# any JSON value (for fuzzing both APIs)
+json_leaves = (
+    st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10,
+)
 
 
 def start_server(*, legacy: bool = False, engine: EngineConfig = EngineConfig(), **kwargs) -> ServerHandle:

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reliability_support import (
+    json_leaves, json_values,
     MODEL, base_url, collect_legacy, legacy_error_text, legacy_forward_logits, new_client_id, start_server,
 )
 
@@ -33,14 +34,6 @@ ACCEPTED_FIELDS = {"forward": "next_token_logits", "tokenize": "input_ids", "det
 
 # ---- strategies -------------------------------------------------------------------------------
 
-json_leaves = (
-    st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
-)
-json_values = st.recursive(
-    json_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=10,
-)
 token_ids = st.integers(0, VOCAB - 1)
 odd_ids = st.sampled_from([-1, VOCAB, 2**31, 2**64, -(2**63) - 1, True, 1.0, "1", None])
 rows = st.lists(token_ids, min_size=1, max_size=10)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reliability_support import (
+    json_leaves, json_values,
     MODEL, base_url, greedy_completion_ids, greedy_reference, openai_error, sse_payloads, start_server,
 )
 
@@ -30,14 +31,6 @@ FUZZ_SETTINGS = dict(
 
 # ---- strategies -------------------------------------------------------------------------------
 
-json_leaves = (
-    st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
-)
-json_values = st.recursive(
-    json_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=10,
-)
 token_ids = st.integers(0, VOCAB - 1)
 odd_ids = st.sampled_from([-1, VOCAB, VOCAB + 1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**30])
 id_lists = st.lists(token_ids | odd_ids, max_size=12)
@@ -47,7 +40,7 @@ surrogates = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3)
 prompts = st.one_of(
     st.text(max_size=40), st.just(""), surrogates, too_long_text, id_lists, too_long_ids,
     st.lists(st.text(max_size=10), max_size=4), st.lists(id_lists, max_size=3), st.lists(json_leaves, max_size=4),
-    json_values,
+    json_leaves, json_values,
 )
 
 PARAMETERS = {
