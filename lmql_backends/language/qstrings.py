@@ -143,41 +143,35 @@ class _TemplateParser:
         raise QuerySyntaxError(f"{message} (at character {self.pos + 1} of the string)", self.line, self.column)
 
 
-def find_closing_brace(text: str, start: int) -> int:
-    """Index of the '}' closing an interpolation whose body starts at `start`, or -1."""
-    depth, quote, i = 0, None, start
-    while i < len(text):
+def code_chars(text: str, start: int = 0):
+    """(index, char, bracket depth before it) of each char of Python code outside string literals."""
+    depth, quote = 0, None
+    for i in range(start, len(text)):
         char = text[i]
         if quote:
             quote = None if char == quote else quote
         elif char in "'\"":
             quote = char
-        elif char in OPENERS:
-            depth += 1
-        elif char in CLOSERS:
-            if depth == 0:
-                return i if char == "}" else -1
-            depth -= 1
-        i += 1
+        else:
+            yield i, char, depth
+            depth += (char in OPENERS) - (char in CLOSERS)
+
+
+def find_closing_brace(text: str, start: int) -> int:
+    """Index of the '}' closing an interpolation whose body starts at `start`, or -1."""
+    for i, char, depth in code_chars(text, start):
+        if char in CLOSERS and depth == 0:
+            return i if char == "}" else -1
     return -1
 
 
 def split_format(body: str) -> tuple[str, str | None, str]:
     """Split ``expr!conv:spec`` at its top level into (expr, conv, spec)."""
-    depth, quote = 0, None
-    for i, char in enumerate(body):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in OPENERS:
-            depth += 1
-        elif char in CLOSERS:
-            depth -= 1
-        elif depth == 0 and char == "!" and body[i + 1:i + 2] != "=":
+    for i, char, depth in code_chars(body):
+        if depth == 0 and char == "!" and body[i + 1:i + 2] != "=":
             conversion, _, spec = body[i + 1:].partition(":")
             return body[:i], conversion.strip(), spec
-        elif depth == 0 and char == ":":
+        if depth == 0 and char == ":":
             return body[:i], None, body[i + 1:]
     return body, None, ""
 
