@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import numpy
+import orjson
 import torch
 
 from ..engine.sampling import SamplingParams, make_mask_processor, select_token
@@ -137,7 +138,7 @@ class LegacyTransport:
                 if resp.status != 200:
                     raise self.response_error(resp.status, await resp.text())
                 self.supports_long_poll = resp.headers.get(LONG_POLL_HEADER) == "1"
-                results = json.loads(await resp.read())
+                results = parse_json(await resp.read())
         if not isinstance(results, list):
             raise BackendResponseError(f"the legacy server at {self.base_url} sent results that are not a list")
         return results
@@ -172,6 +173,14 @@ class LegacyTransport:
             connection.collector.cancel()
             await asyncio.gather(connection.collector, return_exceptions=True)
         await connection.session.close()
+
+
+def parse_json(body: bytes) -> Any:
+    """orjson (~6x faster on logits); ``json`` for the ``Infinity``/``NaN`` orjson rejects."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def has_waiters(pending: dict[int, asyncio.Future]) -> bool:

@@ -21,6 +21,8 @@ import math
 import time
 from typing import Any, Callable, Coroutine
 
+import numpy
+import orjson
 import torch
 from aiohttp import web
 
@@ -37,7 +39,7 @@ LONG_POLL_HEADER = "X-Long-Poll"
 ERROR_DETAIL_HEADER = "X-Error-Detail"
 BAD_REQUEST_TEXT = "Bad request."
 #: logits payloads larger than this many floats are formatted off the event loop
-NUM_FLOATS_INLINE = 32768
+NUM_FLOATS_INLINE = 262144
 
 
 # ---- typed jobs ---------------------------------------------------------------------------
@@ -584,20 +586,16 @@ def format_logits(rows: list[torch.Tensor], is_batched: bool) -> str:
 
 
 def format_floats(values: torch.Tensor) -> str:
-    """A JSON list of float32 values with 9 significant digits: exact float32 round trip.
+    """A JSON list of float32 values, each the shortest text that parses back to it exactly.
 
-    About 3x faster than ``json.dumps(values.tolist())`` and 40% shorter (see PROTOCOL.md).
-    Non-finite values fall back to ``json.dumps`` (``Infinity``/``NaN``, as the original sent).
+    orjson writes a float32 array ~12x faster than ``%.9g`` formatting and ~15x faster than
+    ``json.dumps(values.tolist())`` (see PROTOCOL.md). Non-finite values fall back to
+    ``json.dumps`` (``Infinity``/``NaN``, as the original sent; orjson would write ``null``).
     """
-    floats = values.float().tolist()
-    if not all(map(math.isfinite, floats)):
-        return json.dumps(floats)
-    return "[" + float_format(len(floats)) % tuple(floats) + "]"
-
-
-@functools.lru_cache(maxsize=8)
-def float_format(num_floats: int) -> str:
-    return ", ".join(["%.9g"] * num_floats)
+    array = values.detach().float().cpu().numpy()
+    if not numpy.isfinite(array).all():
+        return json.dumps(array.tolist())
+    return orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 # ---- GET /results/<client_id> ---------------------------------------------------------------
