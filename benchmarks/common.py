@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from lmql_backends.models import TINY_MODEL_DIR, TINY_MODEL_NAME  # noqa: E402
 
-NUM_THREADS = 2
+NUM_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 GPT2_SMALL_VOCAB = 50257
 GPT2_SMALL_LABEL = "gpt2-small-random"
 TINY_LABEL = "tiny"
@@ -315,8 +315,8 @@ def server_env() -> dict[str, str]:
 class ServerProcess:
     """``python -m lmql_backends.cli serve-model MODEL`` on a free loopback port, in a subprocess."""
 
-    def __init__(self, model: str, legacy: bool = False):
-        self.model, self.legacy = model, legacy
+    def __init__(self, model: str, legacy: bool = False, extra_args: tuple[str, ...] = ()):
+        self.model, self.legacy, self.extra_args = model, legacy, extra_args
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile(mode="w+")
@@ -337,6 +337,7 @@ class ServerProcess:
         """Start the server and wait until /health answers."""
         command = [sys.executable, "-m", "lmql_backends.cli", "serve-model", self.model,
                    "--host", LOOPBACK, "--port", str(self.port)] + (["--legacy"] if self.legacy else [])
+        command += list(self.extra_args)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=server_env())
         deadline = time.monotonic() + SERVER_START_SECONDS
         while not self.is_healthy():

@@ -1,15 +1,14 @@
-"""Per-token latency of the legacy backend against in-process, on the embedded model.
+"""Per-token latency of the legacy backend on the embedded model (issue target: < 5 ms per token).
 
-Starts the legacy server in this process (loopback, free port), then runs the same greedy
-64-token decode, one token per call, through `LegacyClient` (HTTP: forward + long-poll
-/results) and through `InProcessClient` (the engine directly), several times each, and prints
-the median milliseconds per token of each and their ratio. Target: legacy < 5 ms per token.
+Starts ``serve-model builtin:tiny --legacy`` in its own process (loopback, free port), once with
+the lookahead (the default) and once with ``--no-lookahead``, and runs the same greedy decode,
+one token per call, through `LegacyClient` (HTTP: a ``forward`` of the whole sequence + a
+long-polled ``/results``), alternating with `InProcessClient` (the engine in this process).
+Prints the median milliseconds per token of each and their ratios. The last two rows are the
+lookahead's worst case: a client that always takes the second-best token, so every lookahead
+would be wasted (the server stops starting them for such a client after three wrong guesses).
 
-    PYTHONPATH=. python benchmarks/legacy_latency.py [--tokens 64] [--repeats 5] [--threads N]
-
-On a small shared machine, torch's intra-op (OpenMP) threads spin while idle and compete with
-the server and client threads of this one process; ``--threads 1`` or the environment variable
-``OMP_WAIT_POLICY=PASSIVE`` show the protocol's own cost without that contention.
+    python benchmarks/legacy_latency.py [--tokens 64] [--repeats 5] [--model builtin:tiny]
 """
 
 from __future__ import annotations
@@ -19,51 +18,63 @@ import asyncio
 import statistics
 import time
 
-import torch
+from common import ServerProcess, describe_load, make_prompt_ids, set_threads
 
 from lmql_backends.client.base import LMClient
 from lmql_backends.client.inprocess import InProcessClient
 from lmql_backends.client.legacy_client import LegacyClient
 from lmql_backends.engine import SamplingParams
-from lmql_backends.server.app import serve
 
-PROMPT = "It is a truth universally acknowledged, that"
+TARGET_MS = 5.0
 
 
-async def ms_per_token(client: LMClient, prompt: list[int], num_tokens: int) -> float:
-    """Greedy decode of `num_tokens` tokens, one call per token (EOS does not stop it)."""
+async def ms_per_token(client: LMClient, prompt: list[int], num_tokens: int, rank: int = 0) -> float:
+    """Decode `num_tokens` tokens, one call per token, taking the `rank`-th best token each time."""
     ids = list(prompt)
     start = time.perf_counter()
     for _ in range(num_tokens):
-        [choice] = await client.generate(ids, None, 1, SamplingParams())
+        if rank == 0:
+            [choice] = await client.generate(ids, None, 1, SamplingParams())
+        else:
+            choice = (await client.top_tokens(ids, None, rank + 1))[rank]
         ids.append(choice.token_id)
     return (time.perf_counter() - start) * 1000 / num_tokens
 
 
-async def median_ms_per_token(client: LMClient, prompts: list[list[int]], num_tokens: int) -> float:
-    await ms_per_token(client, prompts[0], 4)  # warm up connections and the model
-    return statistics.median([await ms_per_token(client, p, num_tokens) for p in prompts])
+async def measure(args, clients: dict[str, tuple[LMClient, int]], prompts: list[list[int]]) -> dict[str, float]:
+    """Median ms/token of each client, the repetitions taken in turn so load hits all alike."""
+    for client, rank in clients.values():
+        await ms_per_token(client, prompts[0], 4, rank)  # warm up connections and the model
+    times: dict[str, list[float]] = {name: [] for name in clients}
+    for prompt in prompts:
+        for name, (client, rank) in clients.items():
+            times[name].append(await ms_per_token(client, prompt, args.tokens, rank))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-async def run(model: str, num_tokens: int, num_repeats: int) -> None:
-    inprocess = InProcessClient(model)
-    handle = serve(model, port=0, legacy=True, background=True)
-    try:
-        words = PROMPT.split()
-        prompts = [encode(inprocess, " ".join(words[: 3 + i % len(words)])) for i in range(num_repeats)]
-        async with LegacyClient(model, handle.endpoint, inprocess.tokenizer) as legacy:
-            legacy_ms = await median_ms_per_token(legacy, prompts, num_tokens)
-        inprocess_ms = await median_ms_per_token(inprocess, prompts, num_tokens)
-    finally:
-        handle.stop()
-    print(f"model {model}, greedy {num_tokens}-token decode, median of {num_repeats} runs")
-    print(f"legacy (HTTP, loopback): {legacy_ms:.2f} ms/token")
-    print(f"in-process:              {inprocess_ms:.2f} ms/token")
-    print(f"ratio legacy/in-process: {legacy_ms / inprocess_ms:.2f}x   (target: legacy < 5 ms/token)")
+async def run(args) -> dict[str, float]:
+    inprocess = InProcessClient(args.model)
+    prompts = [make_prompt_ids(inprocess.tokenizer, 16, seed=rep) for rep in range(args.repeats)]
+    with ServerProcess(args.model, legacy=True) as server, \
+            ServerProcess(args.model, legacy=True, extra_args=("--no-lookahead",)) as plain_server:
+        async with LegacyClient(args.model, server.endpoint, inprocess.tokenizer) as legacy, \
+                LegacyClient(args.model, plain_server.endpoint, inprocess.tokenizer) as plain:
+            return await measure(args, {
+                "legacy (lookahead)": (legacy, 0),
+                "legacy (--no-lookahead)": (plain, 0),
+                "in-process": (inprocess, 0),
+                "legacy, 2nd-best token (lookahead)": (legacy, 1),
+                "legacy, 2nd-best token (--no-lookahead)": (plain, 1),
+            }, prompts)
 
 
-def encode(client: LMClient, text: str) -> list[int]:
-    return [client.bos_token_id, *client.tokenizer(text)["input_ids"]]
+def report(args, medians: dict[str, float]) -> None:
+    base = medians["in-process"]
+    print(f"model {args.model}, {args.tokens} tokens one call each after a 16-token prompt, "
+          f"median of {args.repeats} runs")
+    for name, value in medians.items():
+        verdict = "" if name == "in-process" else f"   {'met' if value < TARGET_MS else 'MISSED'} (< {TARGET_MS:g} ms)"
+        print(f"{name:50s} {value:6.2f} ms/token   {value / base:4.2f}x in-process{verdict}")
 
 
 def main() -> None:
@@ -71,12 +82,12 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:tiny")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
-    asyncio.run(run(args.model, args.tokens, args.repeats))
+    set_threads()
+    print(describe_load("at start"), flush=True)
+    medians = asyncio.run(run(args))
+    print(describe_load("at end"))
+    report(args, medians)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--legacy", action="store_true", help="serve the legacy LMQL 0.0.6.x API")
+    serve.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                       help="legacy API: do not compute the likeliest next forward while the client chooses")
     serve.add_argument("--cuda", action="store_true", help="use the GPU(s) if available (device_map=auto)")
     serve.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32 on CPU)")
     serve.add_argument("--loader", choices=LOADERS, default=None, help="transformers (default), awq or gptq")
@@ -53,6 +55,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--cache-tokens", type=int, default=32768, help="prefix KV cache size in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch threads of the engine (default: measured at start, 1 or torch's default)")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                        help="largest request body accepted; larger ones get 413 (default 8 MiB)")
     serve.add_argument("--drain-seconds", type=float, default=5.0,
@@ -123,11 +127,14 @@ def serve_model(args, extra: list[str]) -> None:
     from .engine import EngineConfig
     from .server.app import serve
 
-    engine = EngineConfig(cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue)
+    engine = EngineConfig(
+        cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
+        num_threads=args.threads,
+    )
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
-        drain_seconds=args.drain_seconds, cuda=args.cuda,
+        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
 

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
 from .prefix_cache import PrefixCache
-from .runner import ModelRunner
+from .runner import ModelRunner, choose_num_threads
 from .sampling import apply_processors, select_token, top_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
@@ -38,6 +38,12 @@ class EngineConfig:
     max_queue: int = 256
     max_prefill_tokens: int = 4096
     use_prefix_cache: bool = True
+    #: torch intra-op threads of the engine thread; None: measured at start (see choose_num_threads)
+    num_threads: int | None = None
+
+    def __post_init__(self):
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise InvalidRequestError(f"num_threads must be an integer >= 1 or None, got {self.num_threads!r}", "num_threads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,7 @@ class EngineStats:
     cache_hit_rate: float
     cache_tokens: int
     num_failed_requests: int
+    num_threads: int
 
 
 class Engine:
@@ -74,6 +81,7 @@ class Engine:
         self._counters = collections.Counter()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._last_batch_size = 0
+        self.num_threads: int | None = None  # set by the engine thread when it starts
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -97,16 +105,25 @@ class Engine:
         self.validate(request)
         if self._stopped.is_set():
             raise RequestCancelledError("the engine is shutting down")
+        if not request.is_speculative:
+            self._reserve_slot()
+        self.start()
+        self._inbox.put(("add", Sequence(request, emit)))
+
+    def _reserve_slot(self) -> None:
         with self._pending_lock:
             if self._num_pending >= self.config.max_queue + self.config.max_num_seqs:
                 raise OverloadedError(f"the engine is at capacity ({self._num_pending} requests); retry later")
             self._num_pending += 1
-        self.start()
-        self._inbox.put(("add", Sequence(request, emit)))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request at the next step (its consumer went away)."""
         self._inbox.put(("abort", request_id))
+
+    @property
+    def num_pending(self) -> int:
+        """Requests submitted and not yet finished (queued or running), speculative ones not counted."""
+        return self._num_pending
 
     def validate(self, request: Request) -> None:
         ids, limit = request.prompt_ids, self.loaded.context_length
@@ -167,6 +184,7 @@ class Engine:
 
     # ---- the engine thread -----------------------------------------------------------
     def _loop(self) -> None:
+        self._set_num_threads()
         while not self._stopped.is_set():
             self._drain_inbox(block=not self.scheduler.has_work)
             if self._stopped.is_set():
@@ -177,6 +195,17 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail(list(self.scheduler.running), exc)
         self._cancel_all()
+
+    def _set_num_threads(self) -> None:
+        """Intra-op threads for this thread only (torch keeps a count per thread)."""
+        try:
+            num_threads = self.config.num_threads or choose_num_threads(self.runner)
+        except Exception:  # measuring is an optimisation: never let it keep the engine from running
+            log.exception("could not measure the best thread count; keeping torch's default")
+            return
+        torch.set_num_threads(num_threads)
+        self.num_threads = num_threads
+        log.info("engine thread uses %d torch thread(s)", num_threads)
 
     def _cancel_all(self) -> None:
         """Fail every queued and running request with RequestCancelledError (at shutdown)."""
@@ -289,8 +318,9 @@ class Engine:
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.retire(seq)
-        with self._pending_lock:
-            self._num_pending -= 1
+        if not seq.request.is_speculative:
+            with self._pending_lock:
+                self._num_pending -= 1
         if not seq.is_aborted and seq.kv is not None and self.config.use_prefix_cache:
             self.cache.insert(seq.ids[:seq.num_computed], seq.kv)
         seq.kv = None
@@ -334,6 +364,7 @@ class Engine:
             cache_hit_rate=self.cache.hit_rate,
             cache_tokens=self.cache.num_tokens,
             num_failed_requests=self._counters["failed"],
+            num_threads=self.num_threads or 0,
         )
 
 

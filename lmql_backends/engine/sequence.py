@@ -25,6 +25,8 @@ class Request:
     max_tokens: how many tokens to generate after the prompt (0: only look at the prompt).
     return_logits: send the raw next-token logits after the prompt (the legacy `forward`).
     score_from: send the raw log-probability of every prompt token from this index on (echo).
+    is_speculative: work nobody asked for yet (the legacy lookahead): it does not count against
+        the engine's capacity, so it never makes a real request wait for a slot or see a 429.
     """
 
     prompt_ids: list[int]
@@ -34,6 +36,7 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     return_logits: bool = False
     score_from: int | None = None
+    is_speculative: bool = False
     request_id: str = dataclasses.field(default_factory=lambda: f"req-{next(_request_ids)}")
 
 

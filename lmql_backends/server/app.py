@@ -27,6 +27,8 @@ log = logging.getLogger("lmql_backends.server")
 
 API_KEY_ENV = "LMQL_BACKENDS_API_KEY"
 STATE = web.AppKey("state", object)
+#: functions returning a dataclass of extra /metrics gauges (the protocol modules add theirs)
+METRICS_SOURCES = web.AppKey("metrics_sources", list)
 #: paths answered without an API key (load balancers probe them), as vLLM does
 OPEN_PATHS = frozenset({"/health"})
 DRAIN_POLL_SECONDS = 0.05
@@ -44,6 +46,7 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20
     drain_seconds: float = 5.0
     engine: EngineConfig = EngineConfig()
+    legacy_lookahead: bool = True
 
     def __post_init__(self):
         if not is_positive_int(self.max_body_bytes):
@@ -86,6 +89,7 @@ def make_app(state: ServerState) -> web.Application:
         client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, auth_middleware]
     )
     app[STATE] = state
+    app[METRICS_SOURCES] = [state.engine.stats]
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
@@ -179,11 +183,11 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Engine statistics in the Prometheus text format."""
-    stats = dataclasses.asdict(get_state(request).engine.stats())
+    """Engine statistics (and the protocol's own counters) in the Prometheus text format."""
     lines = []
-    for name, value in stats.items():
-        lines += [f"# TYPE lmql_backends_{name} gauge", f"lmql_backends_{name} {float(value)}"]
+    for source in request.app[METRICS_SOURCES]:
+        for name, value in dataclasses.asdict(source()).items():
+            lines += [f"# TYPE lmql_backends_{name} gauge", f"lmql_backends_{name} {float(value)}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
@@ -272,19 +276,20 @@ def serve(
     model: str, *, host: str = "127.0.0.1", port: int = 8080, legacy: bool = False,
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
-    drain_seconds: float = ServerConfig.drain_seconds, **load_kwargs,
+    drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
     Blocks until interrupted (SIGINT/SIGTERM: stop accepting, let running requests finish for
     up to `drain_seconds`, cancel the rest, return); with ``background=True`` returns a started
     `ServerHandle` (``port=0`` picks a free port, read it from ``handle.port``). Bodies over
-    `max_body_bytes` are refused with 413. Other keywords are load options (``cuda``, ``dtype``,
+    `max_body_bytes` are refused with 413. ``legacy_lookahead=False`` turns off the legacy API's
+    lookahead (computing the likeliest next forward while the client chooses). Other keywords are load options (``cuda``, ``dtype``,
     ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
-        max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine,
+        max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

@@ -29,8 +29,9 @@ from aiohttp import web
 from ..engine import PromptOutput, Request
 from ..engine.engine import yield_check
 from ..errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
-from .app import STATE, get_state, read_body, text_error
+from .app import METRICS_SOURCES, STATE, get_state, read_body, text_error
 from .completions import is_valid_unicode
+from .legacy_lookahead import Lookahead
 
 log = logging.getLogger("lmql_backends.server.legacy")
 
@@ -215,6 +216,7 @@ class LegacyState:
 
     store: ResultStore
     tokenizer_pool: concurrent.futures.ThreadPoolExecutor
+    lookahead: Lookahead | None = None
     tasks: set = dataclasses.field(default_factory=set)
 
 
@@ -224,12 +226,21 @@ LEGACY = web.AppKey("legacy", LegacyState)
 def add_routes(app: web.Application, limits: ResultLimits = ResultLimits()) -> None:
     """Add the legacy endpoints to `app` (called by ``make_app`` when serving ``--legacy``)."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="legacy-tokenizer")
-    app[LEGACY] = LegacyState(ResultStore(limits), pool)
+    app[LEGACY] = LegacyState(ResultStore(limits), pool, make_lookahead(app[STATE]))
+    if app[LEGACY].lookahead is not None:
+        app[METRICS_SOURCES].append(app[LEGACY].lookahead.stats)
     app.router.add_post("/queue", handle_queue)
     app.router.add_get("/results/{client_id}", handle_results)
     app.router.add_get("/queue", not_found)
     app.router.add_post("/results/{client_id}", not_found)
     app.on_shutdown.append(stop_jobs)
+
+
+def make_lookahead(state) -> Lookahead | None:
+    if not state.config.legacy_lookahead:
+        return None
+    loaded = state.loaded
+    return Lookahead(state.engine, loaded.context_length, loaded.eos_token_id)
 
 
 async def stop_jobs(app: web.Application) -> None:
@@ -238,6 +249,8 @@ async def stop_jobs(app: web.Application) -> None:
     for task in list(legacy.tasks):
         task.cancel()
     await asyncio.gather(*legacy.tasks, return_exceptions=True)
+    if legacy.lookahead is not None:
+        await legacy.lookahead.close()
     legacy.tokenizer_pool.shutdown(wait=False)
 
 
@@ -472,9 +485,9 @@ class RowForward:
     outputs: asyncio.Queue
 
     @classmethod
-    def submit(cls, engine, ids: list[int]) -> "RowForward":
+    def submit(cls, engine, ids: list[int], is_speculative: bool = False) -> "RowForward":
         """Submit now: OverloadedError (or RequestCancelledError) is raised here, not later."""
-        row = cls(engine, Request(ids, return_logits=True), asyncio.Queue())
+        row = cls(engine, Request(ids, return_logits=True, is_speculative=is_speculative), asyncio.Queue())
         engine.submit(row.request, functools.partial(row.deliver, asyncio.get_running_loop()))
         return row
 
@@ -515,23 +528,53 @@ def submit_rows(engine, rows: tuple[tuple[int, ...], ...]) -> list[RowForward]:
 
 
 def begin_forward(app: web.Application, job: ForwardJob) -> Coroutine[Any, Any, tuple[str, str]]:
-    """Submit the rows now; overload raises (429), any other refusal becomes the sample's error result."""
+    """Take the rows' lookaheads and submit the other rows now; overload raises (429), any other
+    refusal becomes the sample's error result."""
+    engine, lookahead = app[STATE].engine, app[LEGACY].lookahead
+    client = job.sample.client_key
+    ready = [lookahead.take(client, row) if lookahead is not None else None for row in job.rows]
     try:
-        rows = submit_rows(app[STATE].engine, job.rows)
-    except OverloadedError:
-        raise
-    except Exception as exc:  # e.g. the engine is stopping: the sample is accepted and gets an error result
-        return raise_later(exc)
-    return run_forward(rows, job.is_batched)
+        submitted = iter(submit_rows(engine, tuple(row for row, task in zip(job.rows, ready) if task is None)))
+    except Exception as exc:
+        for task in filter(None, ready):
+            task.cancel()
+        if isinstance(exc, OverloadedError):
+            raise
+        return raise_later(exc)  # e.g. the engine is stopping: the sample is accepted and gets an error result
+    waits = [
+        row_logits_of(engine, row, task) if task is not None else next(submitted).next_token_logits()
+        for row, task in zip(job.rows, ready)
+    ]
+    return run_forward(app, job, waits)
 
 
 async def raise_later(exc: Exception) -> tuple[str, str]:
     raise exc
 
 
-async def run_forward(rows: list[RowForward], is_batched: bool) -> tuple[str, str]:
-    logits = await asyncio.gather(*(row.next_token_logits() for row in rows))
-    return "next_token_logits", await encode_logits(logits, is_batched)
+async def row_logits_of(engine, row: tuple[int, ...], lookahead: asyncio.Task) -> torch.Tensor:
+    """The logits a lookahead computed for `row`; if it failed, the row's own forward."""
+    try:
+        return await lookahead
+    except Exception:
+        return await forward_row(engine, list(row))
+
+
+async def run_forward(app: web.Application, job: ForwardJob, waits: list) -> tuple[str, str]:
+    logits = await asyncio.gather(*waits)
+    lookahead = app[LEGACY].lookahead
+    if lookahead is not None:
+        engine = app[STATE].engine
+        for row, row_logits in zip(job.rows, logits):
+            lookahead.start_after(
+                job.sample.client_key, row, row_logits, functools.partial(forward_row, engine, is_speculative=True)
+            )
+    return "next_token_logits", await encode_logits(logits, job.is_batched)
+
+
+async def forward_row(engine, ids: list[int], is_speculative: bool = False) -> torch.Tensor:
+    """The raw next-token logits of `ids` from the engine (prefix-cached, batched)."""
+    return await RowForward.submit(engine, ids, is_speculative).next_token_logits()
 
 
 async def run_tokenize(app: web.Application, job: TokenizeJob) -> tuple[str, str]:
