@@ -8,6 +8,8 @@ happen here, with the same functions the engine uses, so every backend picks the
 Results are collected by one background task per event loop. It long-polls
 (``?wait=SECONDS``) when the server answers with the ``X-Long-Poll: 1`` header, and otherwise
 polls every 50 ms like the original client. Any number of samples can be in flight at once.
+Against an lmql-backends server (``X-Inline-Wait: 1`` on its /queue answers) a POST waits for
+its own result (``/queue?wait=SECONDS``), one HTTP request per token instead of two.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ LONG_POLL_SECONDS = 10.0
 #: score() sends one forward per token; at most this many are in flight at once
 MAX_SCORE_IN_FLIGHT = 16
 LONG_POLL_HEADER = "X-Long-Poll"
+INLINE_WAIT_HEADER = "X-Inline-Wait"
+INLINE_HEADER = "X-Inline-Result"
 ERROR_DETAIL_HEADER = "X-Error-Detail"
 
 
@@ -63,6 +67,7 @@ class LegacyTransport:
         self.client_id = f"lmql-backends-{uuid.uuid4().hex}"
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.supports_long_poll: bool | None = None  # unknown until the first /results answer
+        self.supports_inline_wait = False  # until a /queue answer says so
         self._sample_ids = itertools.count()
         self._connection: Connection | None = None
 
@@ -76,14 +81,22 @@ class LegacyTransport:
         return logits[0] if logits and isinstance(logits[0], list) else logits
 
     async def call(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST one action and wait for its result (at most ``chunk_timeout`` seconds)."""
+        """POST one action and wait for its result (at most ``chunk_timeout`` seconds).
+
+        Against lmql-backends servers (``X-Inline-Wait: 1`` on a /queue answer) the POST itself
+        waits for the result (``?wait=``), so no /results request is needed when it is ready in time.
+        """
         connection = self._current_connection()
         sample_id = next(self._sample_ids)
         future = connection.loop.create_future()
         connection.pending[sample_id] = future
         try:
+            if not self.supports_inline_wait:
+                self._ensure_collector(connection)
+            answer = await self._post(connection, {**body, "sample_id": sample_id, "client_id": self.client_id})
+            if "result" in answer:
+                return self.checked(answer["result"])
             self._ensure_collector(connection)
-            await self._post(connection, {**body, "sample_id": sample_id, "client_id": self.client_id})
             return await self._wait_for(future, sample_id)
         finally:
             connection.pending.pop(sample_id, None)
@@ -98,14 +111,24 @@ class LegacyTransport:
                 f"within chunk_timeout={self.chunk_timeout} s"
             ) from None
 
-    async def _post(self, connection: Connection, body: dict[str, Any]) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.chunk_timeout)
+    async def _post(self, connection: Connection, body: dict[str, Any]) -> dict[str, Any]:
+        """The /queue answer: ``{"sample_id": ...}``, plus ``"result"`` when it came inline."""
+        wait = min(LONG_POLL_SECONDS, self.chunk_timeout)
+        params = {"wait": f"{wait:g}"} if self.supports_inline_wait else None
+        timeout = aiohttp.ClientTimeout(total=wait + self.chunk_timeout)
         async with translating_errors(self):
-            async with connection.session.post(self.base_url + "/queue", json=body, timeout=timeout) as resp:
+            async with connection.session.post(
+                self.base_url + "/queue", data=orjson.dumps(body), params=params, timeout=timeout,
+                headers={"Content-Type": "application/json"},
+            ) as resp:
                 if resp.status != 200:
                     detail = resp.headers.get(ERROR_DETAIL_HEADER)
                     raise self.response_error(resp.status, await resp.text(), detail)
-                await resp.read()
+                self.supports_inline_wait = resp.headers.get(INLINE_WAIT_HEADER) == "1"
+                answer = parse_json(await resp.read()) if resp.headers.get(INLINE_HEADER) == "1" else {}
+        if not isinstance(answer, dict) or ("result" in answer and not isinstance(answer["result"], dict)):
+            raise BackendResponseError(f"the legacy server at {self.base_url} sent an invalid /queue answer")
+        return answer
 
     def response_error(self, status: int, text: str, detail: str | None = None) -> BackendResponseError:
         """The server's error text, plus the X-Error-Detail of a ``Bad request.`` (an extension)."""
@@ -148,12 +171,18 @@ class LegacyTransport:
         future = connection.pending.get(sample_id) if isinstance(sample_id, int) else None
         if future is None or future.done():
             return  # a sample that already timed out, or not ours
+        try:
+            future.set_result(self.checked(result))
+        except BackendResponseError as exc:
+            future.set_exception(exc)
+
+    def checked(self, result: dict[str, Any]) -> dict[str, Any]:
+        """`result`, or the BackendResponseError of an error result."""
         if "error" in result:
-            future.set_exception(BackendResponseError(
-                f"the legacy server at {self.base_url} failed on sample {result['sample_id']}: {result['error']}"
-            ))
-        else:
-            future.set_result(result)
+            raise BackendResponseError(
+                f"the legacy server at {self.base_url} failed on sample {result.get('sample_id')}: {result['error']}"
+            )
+        return result
 
     # ---- the connection of the running loop ------------------------------------------------
     def _current_connection(self) -> Connection:

@@ -37,6 +37,10 @@ log = logging.getLogger("lmql_backends.server.legacy")
 
 MAX_WAIT_SECONDS = 30.0
 LONG_POLL_HEADER = "X-Long-Poll"
+#: on every accepted /queue answer: this server takes ``?wait=`` on /queue (an extension)
+INLINE_WAIT_HEADER = "X-Inline-Wait"
+#: on a /queue answer that carries the result itself
+INLINE_HEADER = "X-Inline-Result"
 ERROR_DETAIL_HEADER = "X-Error-Detail"
 BAD_REQUEST_TEXT = "Bad request."
 #: logits payloads larger than this many floats are formatted off the event loop
@@ -265,8 +269,11 @@ async def handle_queue(request: web.Request) -> web.Response:
     """Validate one action, reserve its capacity, answer ``{"sample_id": ...}`` and run it in the background.
 
     A full engine is refused here with ``429 text/plain`` and ``Retry-After`` (never a lost sample).
+    With ``?wait=SECONDS`` (an extension) the answer waits for the result and carries it when it
+    is ready in time; otherwise the result goes to ``/results`` as usual.
     """
     try:
+        wait = parse_wait(request.query.get("wait"))
         payload = await read_payload(request)
         job = parse_job(payload, request)
         work = begin_job(request.app, job)
@@ -274,8 +281,29 @@ async def handle_queue(request: web.Request) -> web.Response:
         return text_response(BAD_REQUEST_TEXT, {ERROR_DETAIL_HEADER: header_safe(str(exc))})
     except LmqlBackendsError as exc:  # invalid values (400), body over the limit (413), overload (429)
         return text_error(exc)
-    start_job(request.app, job, work)
-    return web.Response(body=json.dumps({"sample_id": job.sample.sample_id}).encode(), content_type="application/json")
+    inline = asyncio.get_running_loop().create_future() if wait > 0 else None
+    start_job(request.app, job, work, inline)
+    head = json.dumps({"sample_id": job.sample.sample_id})
+    result = await wait_inline(inline, wait, request.app[LEGACY].store, job.sample) if inline else None
+    if result is None:
+        return web.Response(body=head.encode(), content_type="application/json", headers={INLINE_WAIT_HEADER: "1"})
+    body = head[:-1].encode() + b', "result": ' + result + b"}"
+    return web.Response(body=body, content_type="application/json", headers={INLINE_WAIT_HEADER: "1", INLINE_HEADER: "1"})
+
+
+async def wait_inline(inline: asyncio.Future, seconds: float, store: ResultStore, sample: Sample) -> bytes | None:
+    """The encoded result if the job finishes within `seconds`; else None (it goes to the store)."""
+    try:
+        await asyncio.wait({inline}, timeout=seconds)
+    except asyncio.CancelledError:  # the client went away: a result already handed over goes to the store
+        if inline.done():
+            store.put(sample.client_key, inline.result())
+        inline.cancel()
+        raise
+    if inline.done():
+        return inline.result()
+    inline.cancel()  # too late: run_job puts the result in the store
+    return None
 
 
 def text_response(text: str, headers: dict[str, str] | None = None, status: int = 400) -> web.Response:
@@ -454,22 +482,28 @@ def check_capacity(app: web.Application) -> None:
         raise OverloadedError(f"the server is at capacity ({limit} samples in flight); retry later")
 
 
-def start_job(app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]]) -> None:
-    """Run `work` in the background; its result (or error result) goes to the store."""
+def start_job(
+    app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]], inline: asyncio.Future | None = None,
+) -> None:
+    """Run `work` in the background; its result (or error result) goes to `inline` if someone still
+    waits there, else to the store."""
     legacy = app[LEGACY]
-    task = asyncio.create_task(run_job(app, job, work))
+    task = asyncio.create_task(run_job(app, job, work, inline))
     legacy.tasks.add(task)
     task.add_done_callback(legacy.tasks.discard)
 
 
-async def run_job(app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]]) -> None:
-    store = app[LEGACY].store
+async def run_job(app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]], inline=None) -> None:
     try:
         field, value_json = await work
-        store.put(job.sample.client_key, encode_result(job.sample, field, value_json))
+        payload = encode_result(job.sample, field, value_json)
     except Exception as exc:  # deliver every failure as an error result: no sample is lost
         log.info("legacy sample %r failed: %s", job.sample.sample_id, exc)
-        store.put(job.sample.client_key, encode_result(job.sample, "error", json.dumps(error_text(exc))))
+        payload = encode_result(job.sample, "error", json.dumps(error_text(exc)))
+    if inline is not None and not inline.done():
+        inline.set_result(payload)
+    else:
+        app[LEGACY].store.put(job.sample.client_key, payload)
 
 
 def error_text(exc: Exception) -> str:

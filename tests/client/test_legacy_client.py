@@ -120,6 +120,18 @@ async def test_many_requests_in_flight_at_once(legacy, inprocess):
     assert legacy.transport.supports_long_poll is True
 
 
+async def test_after_its_first_request_the_client_gets_results_inline(legacy, inprocess):
+    ids = encode(inprocess, PROMPTS[0])
+    await legacy.generate(ids, None, 1, SamplingParams())
+    assert legacy.transport.supports_inline_wait is True
+    collector = legacy.transport._connection.collector
+    for _ in range(3):  # token by token, as the runtime decodes
+        [choice] = await legacy.generate(ids, None, 1, SamplingParams())
+        assert_same_choices([choice], await inprocess.generate(ids, None, 1, SamplingParams()))
+        ids = ids + [choice.token_id]
+    assert legacy.transport._connection.collector is collector  # no new /results poller was needed
+
+
 # ---- fake servers on loopback -----------------------------------------------------------------------
 
 
@@ -139,6 +151,7 @@ def make_old_style_app(inprocess: InProcessClient | None) -> web.Application:
     results: dict[str, list] = {}
 
     async def queue(request):
+        assert not request.query_string, "the client must not send ?wait= to a server that did not offer it"
         payload = json.loads(await request.read())
         key = f"{request.remote}-{payload['client_id']}"
         if inprocess is not None:
@@ -171,6 +184,7 @@ async def test_polling_fallback_against_an_old_style_server(inprocess):
             ids = encode(inprocess, PROMPTS[2])
             assert await client.score(ids, 1) == pytest.approx(await inprocess.score(ids, 1), abs=1e-4)
             assert client.transport.supports_long_poll is False
+            assert client.transport.supports_inline_wait is False
     finally:
         await runner.cleanup()
 

@@ -316,6 +316,47 @@ def test_bad_wait_value_is_rejected(legacy_server):
     assert "wait" in get_results(legacy_server, "c", wait=-1).headers["X-Error-Detail"]
 
 
+def post_queue_waiting(server, body, wait) -> requests.Response:
+    return requests.post(base_url(server) + "/queue", params={"wait": wait}, data=json.dumps(body), timeout=HTTP_TIMEOUT)
+
+
+def test_queue_wait_answers_with_the_result_itself_exactly_once(legacy_server):
+    ids = prompt_ids(legacy_server, "Captain Wentworth")
+    client_id = new_client_id()
+    response = post_queue_waiting(legacy_server, forward_body(client_id, "inline", [ids]), 10)
+    assert response.status_code == 200 and response.headers["X-Inline-Result"] == "1"
+    answer = response.json()
+    assert answer["sample_id"] == "inline" and answer["result"]["sample_id"] == "inline"
+    assert answer["result"]["client_id"] == f"127.0.0.1-{client_id}"
+    assert_close(answer["result"]["next_token_logits"][0], reference_logits(legacy_server, ids))
+    assert get_results(legacy_server, client_id, wait=0.3).json() == []  # not delivered twice
+
+
+def test_a_result_not_ready_within_the_queue_wait_goes_to_results_exactly_once(legacy_server):
+    ids = [0, *[(i * 37) % 2000 + 1 for i in range(900)]]  # a long fresh prompt: a slow forward
+    client_id = new_client_id()
+    response = post_queue_waiting(legacy_server, forward_body(client_id, "late", [ids]), 0.001)
+    assert response.status_code == 200 and response.headers["X-Inline-Wait"] == "1"
+    inline = [response.json()["result"]] if "result" in response.json() else []
+    stored = collect(legacy_server, client_id, 1) if not inline else get_results(legacy_server, client_id, 0.3).json()
+    [result] = inline + stored
+    assert result["sample_id"] == "late"
+    assert_close(result["next_token_logits"][0], reference_logits(legacy_server, ids))
+
+
+def test_every_accepted_answer_advertises_the_queue_wait_and_plain_answers_stay_plain(legacy_server):
+    response = post_queue(legacy_server, forward_body(new_client_id(), 1, [[0, 5]]))
+    assert response.headers["X-Inline-Wait"] == "1" and "X-Inline-Result" not in response.headers
+    assert response.json() == {"sample_id": 1}
+
+
+def test_a_bad_queue_wait_is_rejected_before_anything_runs(legacy_server):
+    client_id = new_client_id()
+    response = post_queue_waiting(legacy_server, forward_body(client_id, 1, [[0, 5]]), "soon")
+    assert rejected(response) == "Bad request." and "wait" in response.headers["X-Error-Detail"]
+    assert get_results(legacy_server, client_id, wait=0.3).json() == []
+
+
 # ---- the result store and the float encoding (no server needed) ---------------------------------------
 
 
