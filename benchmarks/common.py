@@ -71,7 +71,7 @@ class Settings:
 
     @property
     def repetitions(self) -> int:
-        return 2 if self.quick else 3
+        return 2 if self.quick else 5
 
     def pick(self, full, quick):
         """`quick` in a quick run, else `full`."""
@@ -379,12 +379,12 @@ class ServerPool:
     """Server processes shared by the benchmarks of a run: started on first use, stopped at close."""
 
     def __init__(self):
-        self._servers: dict[tuple[str, bool], ServerProcess] = {}
+        self._servers: dict[tuple[str, bool, tuple[str, ...]], ServerProcess] = {}
 
-    def get(self, model: str, legacy: bool = False) -> ServerProcess:
-        key = (model, legacy)
+    def get(self, model: str, legacy: bool = False, extra_args: tuple[str, ...] = ()) -> ServerProcess:
+        key = (model, legacy, extra_args)
         if key not in self._servers:
-            self._servers[key] = ServerProcess(model, legacy).start()
+            self._servers[key] = ServerProcess(model, legacy, extra_args).start()
         return self._servers[key]
 
     def close(self) -> None:

@@ -1,31 +1,33 @@
 """Per-token latency of the legacy backend on the embedded model (issue target: < 5 ms per token).
 
-Starts ``serve-model builtin:tiny --legacy`` in its own process (loopback, free port), once with
-the lookahead (the default) and once with ``--no-lookahead``, and runs the same greedy decode,
-one token per call, through `LegacyClient` (HTTP: a ``forward`` of the whole sequence + a
-long-polled ``/results``), alternating with `InProcessClient` (the engine in this process).
-Prints the median milliseconds per token of each and their ratios. The last two rows are the
-lookahead's worst case: a client that always takes the second-best token, so every lookahead
-would be wasted (the server stops starting them for such a client after three wrong guesses).
+Uses ``serve-model builtin:tiny --legacy`` processes (loopback, free ports), one with the
+lookahead (the default) and one with ``--no-lookahead``, and runs the same greedy decode, one
+token per call, through `LegacyClient` (HTTP: a ``forward`` of the whole sequence, its result
+in the answer of ``/queue?wait=``), alternating with `InProcessClient` (the engine in this
+process). Prints the median milliseconds per token of each, against the 5 ms target. The
+last rows are the lookahead's worst case: a client that always takes the second-best token,
+so every lookahead would be wasted (the server stops starting them for such a client after
+three wrong guesses), with and without the lookahead.
 
-    python benchmarks/legacy_latency.py [--tokens 64] [--repeats 5] [--model builtin:tiny]
+    python benchmarks/legacy_latency.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import statistics
 import time
 
-from common import ServerProcess, describe_load, make_prompt_ids, set_threads
+from common import BenchContext, Figure, at_most, make_prompt_ids, standalone_main
 
 from lmql_backends.client.base import LMClient
 from lmql_backends.client.inprocess import InProcessClient
 from lmql_backends.client.legacy_client import LegacyClient
 from lmql_backends.engine import SamplingParams
+from lmql_backends.models import TINY_MODEL_NAME
 
+BENCHMARK = "legacy latency"
 TARGET_MS = 5.0
+PROMPT_TOKENS = 16
 
 
 async def ms_per_token(client: LMClient, prompt: list[int], num_tokens: int, rank: int = 0) -> float:
@@ -41,54 +43,50 @@ async def ms_per_token(client: LMClient, prompt: list[int], num_tokens: int, ran
     return (time.perf_counter() - start) * 1000 / num_tokens
 
 
-async def measure(args, clients: dict[str, tuple[LMClient, int]], prompts: list[list[int]]) -> dict[str, float]:
-    """Median ms/token of each client, the repetitions taken in turn so load hits all alike."""
-    for client, rank in clients.values():
+async def measure(paths: dict[str, tuple[LMClient, int]], prompts: list[list[int]], num_tokens: int) -> dict[str, float]:
+    """Median ms/token of each path, the repetitions taken in turn so load hits all alike."""
+    for client, rank in paths.values():
         await ms_per_token(client, prompts[0], 4, rank)  # warm up connections and the model
-    times: dict[str, list[float]] = {name: [] for name in clients}
-    for prompt in prompts:
-        for name, (client, rank) in clients.items():
-            times[name].append(await ms_per_token(client, prompt, args.tokens, rank))
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for prompt in prompts[1:]:
+        for name, (client, rank) in paths.items():
+            times[name].append(await ms_per_token(client, prompt, num_tokens, rank))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-async def run(args) -> dict[str, float]:
-    inprocess = InProcessClient(args.model)
-    prompts = [make_prompt_ids(inprocess.tokenizer, 16, seed=rep) for rep in range(args.repeats)]
-    with ServerProcess(args.model, legacy=True) as server, \
-            ServerProcess(args.model, legacy=True, extra_args=("--no-lookahead",)) as plain_server:
-        async with LegacyClient(args.model, server.endpoint, inprocess.tokenizer) as legacy, \
-                LegacyClient(args.model, plain_server.endpoint, inprocess.tokenizer) as plain:
-            return await measure(args, {
-                "legacy (lookahead)": (legacy, 0),
-                "legacy (--no-lookahead)": (plain, 0),
-                "in-process": (inprocess, 0),
-                "legacy, 2nd-best token (lookahead)": (legacy, 1),
-                "legacy, 2nd-best token (--no-lookahead)": (plain, 1),
-            }, prompts)
+async def run(context: BenchContext) -> list[Figure]:
+    """The legacy latency figures (embedded model only: the target is set on it)."""
+    inprocess = InProcessClient(TINY_MODEL_NAME)
+    tokenizer = inprocess.tokenizer
+    server = context.servers.get(TINY_MODEL_NAME, legacy=True)
+    plain_server = context.servers.get(TINY_MODEL_NAME, legacy=True, extra_args=("--no-lookahead",))
+    prompts = [make_prompt_ids(tokenizer, PROMPT_TOKENS, seed=rep) for rep in range(context.settings.repetitions + 1)]
+    num_tokens = context.settings.pick(64, 32)
+    async with LegacyClient(TINY_MODEL_NAME, server.endpoint, tokenizer) as legacy, \
+            LegacyClient(TINY_MODEL_NAME, plain_server.endpoint, tokenizer) as plain:
+        medians = await measure({
+            "legacy": (legacy, 0), "legacy --no-lookahead": (plain, 0), "in-process": (inprocess, 0),
+            "2nd-best legacy": (legacy, 1), "2nd-best legacy --no-lookahead": (plain, 1),
+        }, prompts, num_tokens)
+    print(", ".join(f"{name} {ms:.2f} ms/token" for name, ms in medians.items()), flush=True)
+    return make_figures(medians, num_tokens)
 
 
-def report(args, medians: dict[str, float]) -> None:
-    base = medians["in-process"]
-    print(f"model {args.model}, {args.tokens} tokens one call each after a 16-token prompt, "
-          f"median of {args.repeats} runs")
-    for name, value in medians.items():
-        verdict = "" if name == "in-process" else f"   {'met' if value < TARGET_MS else 'MISSED'} (< {TARGET_MS:g} ms)"
-        print(f"{name:50s} {value:6.2f} ms/token   {value / base:4.2f}x in-process{verdict}")
+def make_figures(ms: dict[str, float], num_tokens: int) -> list[Figure]:
+    detail = f"{num_tokens} greedy tokens, one call each; in-process {ms['in-process']:.2f} ms/token"
 
+    def figure(name: str, key: str, target=None) -> Figure:
+        value = ms[key]
+        return Figure(BENCHMARK, "tiny", name, value / TARGET_MS, f"{value:.2f} ms/token; {detail}", target)
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:tiny")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    set_threads()
-    print(describe_load("at start"), flush=True)
-    medians = asyncio.run(run(args))
-    print(describe_load("at end"))
-    report(args, medians)
+    worst = ms["2nd-best legacy"] / ms["2nd-best legacy --no-lookahead"]
+    return [
+        figure("legacy client + server: ms per token / 5 ms", "legacy", at_most(1.0)),
+        figure("same, serve-model --no-lookahead: ms per token / 5 ms", "legacy --no-lookahead"),
+        Figure(BENCHMARK, "tiny", "client always takes the 2nd-best token: lookahead / --no-lookahead, ms per token",
+               worst, f"{ms['2nd-best legacy']:.2f} vs {ms['2nd-best legacy --no-lookahead']:.2f} ms/token"),
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    standalone_main(run, __doc__)

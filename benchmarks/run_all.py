@@ -1,6 +1,6 @@
 """Run every benchmark and print one table of ratios (the README's Performance section).
 
-Benchmarks, in order: single stream, prompt scaling, concurrency, constraints, time to first
+Benchmarks, in order: single stream, legacy per-token latency, prompt scaling, concurrency, constraints, time to first
 token and memory, mask speed on a 50k vocabulary (``benchmarks/masks.py``), and with
 ``--with-lmql-0063`` the comparison with LMQL 0.0.6.3's own server (slow: it installs LMQL in
 a throwaway venv). Models: the embedded ``builtin:tiny`` and a GPT-2-small-shaped random
@@ -29,6 +29,7 @@ from pathlib import Path
 import common
 import concurrency
 import constraints
+import legacy_latency
 import scaling
 import single_stream
 import ttft_memory
@@ -36,6 +37,7 @@ from common import BenchContext, Figure, ServerPool, Settings, at_most
 
 BENCHMARKS = {
     "single_stream": single_stream.run,
+    "legacy_latency": legacy_latency.run,
     "scaling": scaling.run,
     "concurrency": concurrency.run,
     "constraints": constraints.run,
