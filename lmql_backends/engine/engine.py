@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 
 from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
+from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, choose_num_threads
 from .sampling import apply_processors, select_token, top_logprobs
@@ -82,6 +83,8 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._last_batch_size = 0
         self.num_threads: int | None = None  # set by the engine thread when it starts
+        #: how outputs reach consumers' event loops (one wake-up per loop per step)
+        self.mailboxes = Mailboxes()
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -151,9 +154,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
 
+        mailbox = self.mailboxes.of(loop)
+
         def emit(item):
             try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
+                mailbox.post(outputs.put_nowait, item)
             except RuntimeError:  # the consumer's loop is gone
                 self.abort(request.request_id)
 

@@ -522,13 +522,13 @@ class RowForward:
     def submit(cls, engine, ids: list[int], is_speculative: bool = False) -> "RowForward":
         """Submit now: OverloadedError (or RequestCancelledError) is raised here, not later."""
         row = cls(engine, Request(ids, return_logits=True, is_speculative=is_speculative), asyncio.Queue())
-        engine.submit(row.request, functools.partial(row.deliver, asyncio.get_running_loop()))
+        engine.submit(row.request, functools.partial(row.deliver, engine.mailboxes.of(asyncio.get_running_loop())))
         return row
 
-    def deliver(self, loop: asyncio.AbstractEventLoop, item) -> None:
+    def deliver(self, mailbox, item) -> None:
         """Called on the engine thread with each output."""
         try:
-            loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+            mailbox.post(self.outputs.put_nowait, item)
         except RuntimeError:  # the server's loop is gone
             self.engine.abort(self.request.request_id)
 
