@@ -132,7 +132,9 @@ class Engine:
         ids, limit = request.prompt_ids, self.loaded.context_length
         if not ids:
             raise InvalidRequestError("the prompt is empty; send at least one token", "prompt")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.loaded.vocab_size]
+        bad = [] if are_token_ids(ids, self.loaded.vocab_size) else [
+            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.loaded.vocab_size
+        ]
         if bad:
             raise InvalidRequestError(
                 f"token id {bad[0]!r} is outside the vocabulary [0, {self.loaded.vocab_size})", "prompt"
@@ -371,6 +373,11 @@ class Engine:
             num_failed_requests=self._counters["failed"],
             num_threads=self.num_threads or 0,
         )
+
+
+def are_token_ids(ids, vocab_size: int) -> bool:
+    """Whether every entry of the non-empty `ids` is a plain int in [0, vocab_size) (C-speed checks)."""
+    return set(map(type, ids)) <= {int} and min(ids) >= 0 and max(ids) < vocab_size
 
 
 def yield_check(item: Output) -> bool:

@@ -404,7 +404,8 @@ def is_token_id(value: Any) -> bool:
 
 
 def is_int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(is_token_id(v) for v in value)
+    """A list of ints (not bools); plain ints are checked at C speed first."""
+    return isinstance(value, list) and (set(map(type, value)) <= {int} or all(is_token_id(v) for v in value))
 
 
 def is_mask_value(value: Any) -> bool:
@@ -455,6 +456,8 @@ def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: 
 
 
 def check_vocabulary(ids, name: str, vocab_size: int) -> None:
+    if not ids or 0 <= min(ids) and max(ids) < vocab_size:
+        return
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise InvalidRequestError(
