@@ -212,7 +212,7 @@ class Engine:
             return
         torch.set_num_threads(num_threads)
         self.num_threads = num_threads
-        log.info("engine thread uses %d torch thread(s)", num_threads)
+        log.debug("engine thread uses %d torch thread(s)", num_threads)
 
     def _cancel_all(self) -> None:
         """Fail every queued and running request with RequestCancelledError (at shutdown)."""
