@@ -121,3 +121,25 @@ def test_cuda_flag_without_gpu_warns_and_serves(serve_model):
     output, _ = process.communicate(timeout=30)
     assert "no GPU is available" in output
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == env_before
+
+
+def metric_values(port: int) -> dict[str, float]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    pairs = (line.split() for line in text.splitlines() if line.startswith("lmql_backends_"))
+    return {name: float(value) for name, value in pairs}
+
+
+@pytest.mark.timeout(180)
+def test_threads_and_no_lookahead_flags_reach_the_server(serve_model):
+    port, process = serve_model("--legacy", "--threads", "3", "--no-lookahead")
+    deadline = time.monotonic() + 30
+    while metric_values(port)["lmql_backends_num_threads"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # set by the engine thread as it starts
+    metrics = metric_values(port)
+    assert metrics["lmql_backends_num_threads"] == 3
+    assert not any(name.startswith("lmql_backends_legacy_lookahead_") for name in metrics)
+    other_port, other = serve_model("--legacy")
+    assert "lmql_backends_legacy_lookahead_hits" in metric_values(other_port)
+    for server in (process, other):
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
