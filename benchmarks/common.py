@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from lmql_backends.models import TINY_MODEL_DIR, TINY_MODEL_NAME  # noqa: E402
 
-NUM_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+NUM_THREADS = 2
 GPT2_SMALL_VOCAB = 50257
 GPT2_SMALL_LABEL = "gpt2-small-random"
 TINY_LABEL = "tiny"

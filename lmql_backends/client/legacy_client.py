@@ -113,9 +113,7 @@ class LegacyTransport:
 
     async def _post(self, connection: Connection, body: dict[str, Any]) -> dict[str, Any]:
         """The /queue answer: ``{"sample_id": ...}``, plus ``"result"`` when it came inline."""
-        wait = min(LONG_POLL_SECONDS, self.chunk_timeout)
-        params = {"wait": f"{wait:g}"} if self.supports_inline_wait else None
-        timeout = aiohttp.ClientTimeout(total=wait + self.chunk_timeout)
+        params, timeout = self._waiting(self.supports_inline_wait)
         async with translating_errors(self):
             async with connection.session.post(
                 self.base_url + "/queue", data=orjson.dumps(body), params=params, timeout=timeout,
@@ -129,6 +127,11 @@ class LegacyTransport:
         if not isinstance(answer, dict) or ("result" in answer and not isinstance(answer["result"], dict)):
             raise BackendResponseError(f"the legacy server at {self.base_url} sent an invalid /queue answer")
         return answer
+
+    def _waiting(self, is_waiting: bool) -> tuple[dict[str, str] | None, aiohttp.ClientTimeout]:
+        """The ``?wait=`` of a request the server may hold (None: do not ask), and its HTTP timeout."""
+        wait = min(LONG_POLL_SECONDS, self.chunk_timeout)
+        return ({"wait": f"{wait:g}"} if is_waiting else None), aiohttp.ClientTimeout(total=wait + self.chunk_timeout)
 
     def response_error(self, status: int, text: str, detail: str | None = None) -> BackendResponseError:
         """The server's error text, plus the X-Error-Detail of a ``Bad request.`` (an extension)."""
@@ -152,10 +155,8 @@ class LegacyTransport:
             fail_all(connection.pending, exc)
 
     async def _fetch_results(self, connection: Connection) -> list[dict[str, Any]]:
-        wait = min(LONG_POLL_SECONDS, self.chunk_timeout)
         url = f"{self.base_url}/results/{urllib.parse.quote(self.client_id, safe='')}"
-        params = {"wait": f"{wait:g}"} if self.supports_long_poll is not False else None
-        timeout = aiohttp.ClientTimeout(total=wait + self.chunk_timeout)
+        params, timeout = self._waiting(self.supports_long_poll is not False)
         async with translating_errors(self):
             async with connection.session.get(url, params=params, timeout=timeout) as resp:
                 if resp.status != 200:

@@ -83,8 +83,7 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._last_batch_size = 0
         self.num_threads: int | None = None  # set by the engine thread when it starts
-        #: how outputs reach consumers' event loops (one wake-up per loop per step)
-        self.mailboxes = Mailboxes()
+        self._mailboxes = Mailboxes()  # how outputs reach consumers' event loops (see emitter)
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -153,18 +152,8 @@ class Engine:
 
     async def stream(self, request: Request) -> AsyncIterator[Output]:
         """Level two of generation: the typed outputs of `request`, ending with a finish_reason."""
-        loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-
-        mailbox = self.mailboxes.of(loop)
-
-        def emit(item):
-            try:
-                mailbox.post(outputs.put_nowait, item)
-            except RuntimeError:  # the consumer's loop is gone
-                self.abort(request.request_id)
-
-        self.submit(request, emit)
+        self.submit(request, self.emitter(asyncio.get_running_loop(), outputs.put_nowait, request.request_id))
         finished = False
         try:
             while not finished:
@@ -174,6 +163,19 @@ class Engine:
         finally:
             if not finished:
                 self.abort(request.request_id)
+
+    def emitter(self, loop: asyncio.AbstractEventLoop, callback: Callable[[Output], None], request_id: str):
+        """An `emit` for `submit` that runs ``callback(output)`` on `loop` (one wake-up per step);
+        if the loop is gone, the request is aborted."""
+        mailbox = self._mailboxes.of(loop)
+
+        def emit(item: Output) -> None:
+            try:
+                mailbox.post(callback, item)
+            except RuntimeError:  # the consumer's loop is gone
+                self.abort(request_id)
+
+        return emit
 
     def stream_sync(self, request: Request, timeout: float | None = None) -> Iterator[Output]:
         """The same outputs as `stream`, for threads without an event loop."""
@@ -375,9 +377,14 @@ class Engine:
         )
 
 
+def are_plain_ints(values) -> bool:
+    """Whether every entry is exactly an int (not a bool or other subclass), checked at C speed."""
+    return set(map(type, values)) <= {int}
+
+
 def are_token_ids(ids, vocab_size: int) -> bool:
     """Whether every entry of the non-empty `ids` is a plain int in [0, vocab_size) (C-speed checks)."""
-    return set(map(type, ids)) <= {int} and min(ids) >= 0 and max(ids) < vocab_size
+    return are_plain_ints(ids) and min(ids) >= 0 and max(ids) < vocab_size
 
 
 def yield_check(item: Output) -> bool:

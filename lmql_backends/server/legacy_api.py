@@ -27,7 +27,7 @@ import torch
 from aiohttp import web
 
 from ..engine import PromptOutput, Request
-from ..engine.engine import yield_check
+from ..engine.engine import are_plain_ints, are_token_ids, yield_check
 from ..errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
 from .app import METRICS_SOURCES, STATE, get_state, read_body, text_error
 from .completions import is_valid_unicode
@@ -405,7 +405,7 @@ def is_token_id(value: Any) -> bool:
 
 def is_int_list(value: Any) -> bool:
     """A list of ints (not bools); plain ints are checked at C speed first."""
-    return isinstance(value, list) and (set(map(type, value)) <= {int} or all(is_token_id(v) for v in value))
+    return isinstance(value, list) and (are_plain_ints(value) or all(is_token_id(v) for v in value))
 
 
 def is_mask_value(value: Any) -> bool:
@@ -456,7 +456,7 @@ def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: 
 
 
 def check_vocabulary(ids, name: str, vocab_size: int) -> None:
-    if not ids or 0 <= min(ids) and max(ids) < vocab_size:
+    if not ids or are_token_ids(ids, vocab_size):
         return
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
@@ -525,15 +525,9 @@ class RowForward:
     def submit(cls, engine, ids: list[int], is_speculative: bool = False) -> "RowForward":
         """Submit now: OverloadedError (or RequestCancelledError) is raised here, not later."""
         row = cls(engine, Request(ids, return_logits=True, is_speculative=is_speculative), asyncio.Queue())
-        engine.submit(row.request, functools.partial(row.deliver, engine.mailboxes.of(asyncio.get_running_loop())))
+        emit = engine.emitter(asyncio.get_running_loop(), row.outputs.put_nowait, row.request.request_id)
+        engine.submit(row.request, emit)
         return row
-
-    def deliver(self, mailbox, item) -> None:
-        """Called on the engine thread with each output."""
-        try:
-            mailbox.post(self.outputs.put_nowait, item)
-        except RuntimeError:  # the server's loop is gone
-            self.engine.abort(self.request.request_id)
 
     async def next_token_logits(self) -> torch.Tensor:
         """The raw last-position logits of the row; aborts the request if cancelled first."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import requests
 import torch
 
 
@@ -18,3 +19,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def session():
+    """One keep-alive HTTP session for a module's requests (the fuzz tests send thousands)."""
+    with requests.Session() as session:
+        yield session

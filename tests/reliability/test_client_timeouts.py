@@ -92,19 +92,6 @@ OPENAI_CALLS = {
 }
 
 
-@pytest.mark.parametrize("stall_name", sorted(OPENAI_STALLS))
-@pytest.mark.parametrize("call_name", sorted(OPENAI_CALLS))
-async def test_openai_client_never_hangs(tokenizer, stall_name, call_name):
-    runner, endpoint = await start_stub(OPENAI_STALLS[stall_name])
-    try:
-        async with OpenAIClient(MODEL, endpoint, tokenizer, chunk_timeout=CHUNK_TIMEOUT) as client:
-            with pytest.raises(BackendTimeoutError) as info:
-                await asyncio.wait_for(OPENAI_CALLS[call_name](client), OUTER_BOUND)
-        assert endpoint in str(info.value)
-    finally:
-        await runner.cleanup()
-
-
 LEGACY_STALLS = {
     "queue never answers": {("POST", "/queue"): stall},
     "results never answer": {("POST", "/queue"): accept_sample, ("GET", "/results/{client_id}"): stall},
@@ -117,14 +104,24 @@ LEGACY_CALLS = {
 }
 
 
-@pytest.mark.parametrize("stall_name", sorted(LEGACY_STALLS))
-@pytest.mark.parametrize("call_name", sorted(LEGACY_CALLS))
-async def test_legacy_client_never_hangs(tokenizer, stall_name, call_name):
-    runner, endpoint = await start_stub(LEGACY_STALLS[stall_name])
+BACKENDS = {
+    "openai": (OpenAIClient, OPENAI_STALLS, OPENAI_CALLS),
+    "legacy": (LegacyClient, LEGACY_STALLS, LEGACY_CALLS),
+}
+CASES = [
+    (backend, stall, call)
+    for backend, (_, stalls, calls) in BACKENDS.items() for stall in sorted(stalls) for call in sorted(calls)
+]
+
+
+@pytest.mark.parametrize("backend, stall_name, call_name", CASES)
+async def test_client_never_hangs(tokenizer, backend, stall_name, call_name):
+    client_class, stalls, calls = BACKENDS[backend]
+    runner, endpoint = await start_stub(stalls[stall_name])
     try:
-        async with LegacyClient(MODEL, endpoint, tokenizer, chunk_timeout=CHUNK_TIMEOUT) as client:
+        async with client_class(MODEL, endpoint, tokenizer, chunk_timeout=CHUNK_TIMEOUT) as client:
             with pytest.raises(BackendTimeoutError) as info:
-                await asyncio.wait_for(LEGACY_CALLS[call_name](client), OUTER_BOUND)
+                await asyncio.wait_for(calls[call_name](client), OUTER_BOUND)
         assert endpoint in str(info.value)
     finally:
         await runner.cleanup()

@@ -111,12 +111,6 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def session():
-    with requests.Session() as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
 def ledger() -> dict[str, collections.Counter]:
     """client id -> how many times each sample id (as canonical JSON) was accepted."""
     return collections.defaultdict(collections.Counter)

@@ -133,12 +133,6 @@ def server():
     handle.stop()
 
 
-@pytest.fixture(scope="module")
-def session():
-    with requests.Session() as session:
-        yield session
-
-
 def send(session: requests.Session, server, data: bytes, method: str = "POST", path: str = "/v1/completions"):
     headers = {"Content-Type": "application/json"}
     return session.request(method, base_url(server) + path, data=data, headers=headers, timeout=60)
