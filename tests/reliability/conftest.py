@@ -11,9 +11,9 @@ import torch
 def one_torch_thread():
     """One intra-op thread while these tests run: server, engine and client share this process.
 
-    tests/conftest.py imports torch before lmql_backends sets OMP_WAIT_POLICY=PASSIVE, so idle
-    OpenMP workers spin after every parallel op and starve the server's event loop (HTTP
-    round trips ~10x slower on 2 cores). With one thread there is no worker to spin.
+    A second OpenMP worker competes for the 2 cores with the server's event loop and the client
+    (and, without OMP_WAIT_POLICY=PASSIVE, spins after every parallel op). With one thread there
+    is no worker to wake or spin.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
