@@ -24,6 +24,8 @@ log = logging.getLogger("lmql_backends.loader")
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "8bit", "4bit")
 LOADERS = ("transformers", "awq", "gptq")
+#: which forward pass the engine runs a loaded model with (--model-impl; see engine/runner.py make_forward)
+MODEL_IMPLS = ("auto", "native", "transformers")
 # loader -> (importable module, pip extra)
 LOADER_PACKAGES = {"awq": ("awq", "awq"), "gptq": ("gptqmodel", "gptq")}
 DEFAULT_CONTEXT_LENGTH = 2048

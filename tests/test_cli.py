@@ -130,16 +130,18 @@ def metric_values(port: int) -> dict[str, float]:
 
 
 @pytest.mark.timeout(180)
-def test_threads_and_no_lookahead_flags_reach_the_server(serve_model):
-    port, process = serve_model("--legacy", "--threads", "3", "--no-lookahead")
+def test_threads_model_impl_and_no_lookahead_flags_reach_the_server(serve_model):
+    port, process = serve_model("--legacy", "--threads", "3", "--no-lookahead", "--model-impl", "transformers")
     deadline = time.monotonic() + 30
     while metric_values(port)["lmql_backends_num_threads"] == 0 and time.monotonic() < deadline:
         time.sleep(0.1)  # set by the engine thread as it starts
     metrics = metric_values(port)
     assert metrics["lmql_backends_num_threads"] == 3
+    assert metrics["lmql_backends_is_native_forward"] == 0
     assert not any(name.startswith("lmql_backends_legacy_lookahead_") for name in metrics)
     other_port, other = serve_model("--legacy")
     assert "lmql_backends_legacy_lookahead_hits" in metric_values(other_port)
+    assert metric_values(other_port)["lmql_backends_is_native_forward"] == 1
     for server in (process, other):
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0

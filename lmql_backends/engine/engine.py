@@ -20,7 +20,7 @@ import torch
 from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
 from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
-from .runner import ModelRunner, choose_num_threads
+from .runner import ModelRunner, check_model_impl, choose_num_threads
 from .sampling import apply_processors, select_token, top_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
@@ -41,8 +41,11 @@ class EngineConfig:
     use_prefix_cache: bool = True
     #: torch intra-op threads of the engine thread; None: measured at start (see choose_num_threads)
     num_threads: int | None = None
+    #: "auto" (the native GPT-2 forward where it applies), "native" or "transformers" (see runner.make_forward)
+    model_impl: str = "auto"
 
     def __post_init__(self):
+        check_model_impl(self.model_impl)
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise InvalidRequestError(f"num_threads must be an integer >= 1 or None, got {self.num_threads!r}", "num_threads")
 
@@ -63,6 +66,7 @@ class EngineStats:
     cache_tokens: int
     num_failed_requests: int
     num_threads: int
+    is_native_forward: bool
 
 
 class Engine:
@@ -71,7 +75,7 @@ class Engine:
     def __init__(self, loaded, config: EngineConfig = EngineConfig()):
         self.loaded = loaded
         self.config = config
-        self.runner = ModelRunner(loaded.model)
+        self.runner = ModelRunner(loaded.model, config.model_impl)
         self.cache = PrefixCache(config.cache_tokens)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_queue, config.max_prefill_tokens))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -374,6 +378,7 @@ class Engine:
             cache_tokens=self.cache.num_tokens,
             num_failed_requests=self._counters["failed"],
             num_threads=self.num_threads or 0,
+            is_native_forward=self.runner.is_native,
         )
 
 

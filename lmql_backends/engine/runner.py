@@ -23,6 +23,9 @@ import time
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..errors import InvalidRequestError
+from ..loader import MODEL_IMPLS
+from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
 
 MIN_HEADROOM = 64
@@ -118,13 +121,54 @@ class StoreCache(Cache):
         super().__init__(layers=[StoreLayer(store, i, length) for i in range(store.num_layers)])
 
 
-class ModelRunner:
-    """Runs a loaded Hugging Face causal LM on token ids with per-sequence KV caches."""
+class TransformersForward:
+    """The model's own transformers forward, with a `StoreCache` over the runner's store."""
 
     def __init__(self, model):
         self.model = model
+
+    def __call__(self, ids, positions, padding, store: KVStore, past_len: int, all_logits: bool) -> torch.Tensor:
+        """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns (see NativeGpt2Forward)."""
+        out = self.model(
+            input_ids=ids, position_ids=positions, attention_mask=padding,
+            past_key_values=StoreCache(store, past_len), use_cache=True, logits_to_keep=0 if all_logits else 1,
+        )
+        return out.logits
+
+
+def make_forward(model, model_impl: str = "auto"):
+    """The forward pass the runner calls: the native GPT-2 one where it applies (auto), or transformers'."""
+    check_model_impl(model_impl)
+    if model_impl == "transformers":
+        return TransformersForward(model)
+    reason = unsupported_reason(model)
+    if reason is None:
+        return NativeGpt2Forward(model)
+    if model_impl == "native":
+        raise InvalidRequestError(
+            f"model_impl 'native' cannot run this model: {reason}; use 'auto' or 'transformers'", "model_impl")
+    return TransformersForward(model)
+
+
+def check_model_impl(model_impl: str) -> None:
+    """InvalidRequestError naming `model_impl` unless it is one of MODEL_IMPLS."""
+    if model_impl not in MODEL_IMPLS:
+        raise InvalidRequestError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {model_impl!r}", "model_impl")
+
+
+class ModelRunner:
+    """Runs a loaded Hugging Face causal LM on token ids with per-sequence KV caches."""
+
+    def __init__(self, model, model_impl: str = "auto"):
+        self.model = model
+        self.forward = make_forward(model, model_impl)
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+
+    @property
+    def is_native(self) -> bool:
+        """Whether the runner uses its own forward pass rather than transformers'."""
+        return isinstance(self.forward, NativeGpt2Forward)
 
     @torch.inference_mode()
     def prefill(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):
@@ -146,24 +190,19 @@ class ModelRunner:
 
     def _forward_batch(self, store: KVStore, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """Logits [B, V] of one token per store row; row b has `lengths[b]` real past tokens."""
-        out = self.model(
-            input_ids=torch.tensor(tokens, device=self.device)[:, None],
-            position_ids=torch.tensor(lengths, device=self.device)[:, None],
-            attention_mask=self._padding_mask(lengths, store.end),
-            past_key_values=StoreCache(store, store.end), use_cache=True, logits_to_keep=1,
+        logits = self.forward(
+            torch.tensor(tokens, device=self.device)[:, None], torch.tensor(lengths, device=self.device)[:, None],
+            self._padding_mask(lengths, store.end), store, store.end, all_logits=False,
         )
-        return out.logits[:, -1].float()
+        return logits[:, -1].float()
 
     def _forward_one(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):
         store = self._growable_store(past, past_len, len(new_ids))
         ids = torch.tensor([new_ids], device=self.device)
         positions = torch.arange(past_len, past_len + len(new_ids), device=self.device)[None]
-        out = self.model(
-            input_ids=ids, position_ids=positions, past_key_values=StoreCache(store, past_len), use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
-        )
+        logits = self.forward(ids, positions, None, store, past_len, all_logits)
         store.end = past_len + len(new_ids)
-        return out.logits[0].float().cpu(), StoredKV(store, 0, 0, store.end)
+        return logits[0].float().cpu(), StoredKV(store, 0, 0, store.end)
 
     def _growable_store(self, past: KVCache | None, past_len: int, num_new: int) -> KVStore:
         """The one-row store `past` lives in if it can grow in place, else a copy of `past`."""

@@ -1,0 +1,129 @@
+"""The runner's own forward pass for GPT-2 models (the family of LMQL's default model).
+
+transformers' GPT-2 forward spends most of a small model's step in Python (cache objects,
+mask building, attention dispatch): ~2 ms per token for the embedded 4-layer model where the
+arithmetic takes ~0.3 ms. As serving engines do (vLLM's `--model-impl`), the runner can run
+the same weights through a lean forward of its own: the same operations in the same order
+(layer norm, fused QKV projection, scaled dot-product attention, GELU MLP, tied LM head),
+writing keys and values straight into the runner's `KVStore`. Its logits equal transformers'
+to float rounding (tests/engine/test_native_gpt2.py compares them on every kind of pass).
+
+Used for plain `GPT2LMHeadModel`s only (see `unsupported_reason`); any other model, and any
+GPT-2 loaded through a quantizing loader or split across devices, runs through transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: transformers' GPT-2 feature flags this forward does not implement
+UNSUPPORTED_FLAGS = ("add_cross_attention", "reorder_and_upcast_attn")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `model` cannot run through `NativeGpt2Forward` (None: it can)."""
+    from transformers.pytorch_utils import Conv1D
+
+    config = model.config
+    if type(model).__name__ != "GPT2LMHeadModel":
+        return f"the model is a {type(model).__name__}, not a GPT2LMHeadModel"
+    flags = [flag for flag in UNSUPPORTED_FLAGS if getattr(config, flag, False)]
+    if flags:
+        return f"the model's config sets {', '.join(flags)}"
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        return "the model is split across devices (device_map)"
+    layers = [m for block in model.transformer.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    if not all(type(layer) is Conv1D and layer.weight.is_floating_point() for layer in layers):
+        return "the model's projections are not plain Conv1D layers (a quantizing loader replaced them)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockWeights:
+    """The tensors and settings of one transformer block."""
+
+    ln_1: torch.nn.LayerNorm
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+    ln_2: torch.nn.LayerNorm
+    fc_weight: torch.Tensor
+    fc_bias: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+    act: torch.nn.Module
+    scale: float
+
+    @classmethod
+    def of(cls, block, index: int, config) -> "BlockWeights":
+        attn, mlp = block.attn, block.mlp
+        return cls(
+            block.ln_1, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
+            block.ln_2, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, mlp.act,
+            attention_scale(config, attn.head_dim, index),
+        )
+
+
+def attention_scale(config, head_dim: int, index: int) -> float:
+    """The factor of q·k, as transformers' GPT-2 attention computes it."""
+    scale = 1 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
+    return scale / (index + 1) if config.scale_attn_by_inverse_layer_idx else scale
+
+
+class NativeGpt2Forward:
+    """`forward(...)` of a loaded GPT2LMHeadModel over the runner's KV stores."""
+
+    def __init__(self, model):
+        config = model.config  # the caller checked unsupported_reason(model)
+        self.num_heads, self.width = config.n_head, config.n_embd
+        self.head_dim = self.width // self.num_heads
+        self.wte, self.wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        self.ln_f, self.lm_head = model.transformer.ln_f, model.lm_head.weight
+        self.blocks = [BlockWeights.of(block, i, config) for i, block in enumerate(model.transformer.h)]
+
+    def __call__(self, ids, positions, padding, store, past_len: int, all_logits: bool) -> torch.Tensor:
+        """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns of each store row.
+
+        `padding` ([B, past_len + 1] with 0 on left padding, or None) is given for one-token steps.
+        """
+        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+        mask = attention_mask(padding, ids.shape[1], past_len, x.device)
+        for layer, block in enumerate(self.blocks):
+            x = self._block(x, block, layer, store, past_len, mask)
+        if not all_logits:
+            x = x[:, -1:]
+        return F.linear(self.ln_f(x), self.lm_head)
+
+    def _block(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
+        x = x + self._attention(block.ln_1(x), block, layer, store, past_len, mask)
+        hidden = block.act(linear(block.ln_2(x), block.fc_weight, block.fc_bias))
+        return x + linear(hidden, block.proj_weight, block.proj_bias)
+
+    def _attention(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = linear(x, block.qkv_weight, block.qkv_bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        keys, values = store.write(layer, past_len, key, value)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=block.scale,
+        )
+        return linear(out.transpose(1, 2).reshape(batch, length, self.width), block.out_weight, block.out_bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D: x @ weight + bias, with weight stored [in, out]."""
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[1])
+
+
+def attention_mask(padding, length: int, past_len: int, device) -> torch.Tensor | None:
+    """Boolean mask (True: may attend) for `length` new tokens after `past_len` columns; None: plain causal."""
+    if padding is not None:
+        return padding.bool()[:, None, None, :]
+    if length == 1 or past_len == 0:
+        return None  # one token sees everything; no past: is_causal does it
+    return torch.ones(length, past_len + length, dtype=torch.bool, device=device).tril(past_len)
