@@ -21,7 +21,7 @@ from ..errors import ContextLengthError, EngineError, InvalidRequestError, Overl
 from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner, check_model_impl, choose_num_threads
-from .sampling import apply_processors, select_token, top_logprobs
+from .sampling import Choice, apply_processors, choose_greedy_rows, select_token, top_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
 
@@ -284,10 +284,20 @@ class Engine:
             log.exception("decode step failed")
             return self._fail(seqs, exc)
         self._last_batch_size = len(seqs)
+        choices = self._greedy_choices(seqs, logits)
         for row, seq in enumerate(seqs):
-            self._after_forward(seq, kvs[row], logits[row:row + 1])
+            self._after_forward(seq, kvs[row], logits[row:row + 1], choices[row])
 
-    def _after_forward(self, seq: Sequence, kv, logits: torch.Tensor) -> None:
+    def _greedy_choices(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Choice | None]:
+        """The tokens of a batch's greedy sequences chosen together (None: the sequence chooses alone)."""
+        rows = [row for row, seq in enumerate(seqs) if seq.request.sampling.is_greedy and not seq.request.processors]
+        choices: list[Choice | None] = [None] * len(seqs)
+        if len(rows) > 1:
+            for row, choice in zip(rows, choose_greedy_rows(logits[rows] if len(rows) < len(seqs) else logits)):
+                choices[row] = choice
+        return choices
+
+    def _after_forward(self, seq: Sequence, kv, logits: torch.Tensor, choice: Choice | None = None) -> None:
         first_forward = seq.num_generated == 0 and seq.num_computed < len(seq.request.prompt_ids)
         self._counters["prompt_tokens" if first_forward else "decode_tokens"] += seq.num_new
         seq.kv, seq.num_computed = kv, len(seq.ids)
@@ -295,7 +305,7 @@ class Engine:
             if first_forward:
                 self._emit_prompt(seq, logits)
             if not seq.is_finished:
-                self._emit_token(seq, logits[-1])
+                self._emit_token(seq, logits[-1], choice)
         except Exception as exc:
             log.info("request %s failed: %s", seq.request.request_id, exc)
             self._fail([seq], exc)
@@ -315,17 +325,21 @@ class Engine:
         if seq.is_finished:
             self._retire(seq)
 
-    def _emit_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _emit_token(self, seq: Sequence, logits: torch.Tensor, choice: Choice | None = None) -> None:
         request = seq.request
-        processed = apply_processors(request.processors, seq.ids, logits)
-        token, logprobs = select_token(processed, request.sampling, len(seq.ids))
+        if choice is None:
+            processed = apply_processors(request.processors, seq.ids, logits)
+            token, logprobs = select_token(processed, request.sampling, len(seq.ids))
+            logprob = float(logprobs[token])
+        else:
+            token, logprob, logprobs = choice.token_id, choice.logprob, choice.logprobs
         seq.ids.append(token)
         seq.num_generated += 1
         self._count_generated(1)
         reason = finish_reason(seq, token, self.loaded.context_length)
         seq.is_finished = reason is not None
         top = top_logprobs(logprobs, request.sampling.num_top_logprobs)
-        seq.emit(TokenOutput(token, float(logprobs[token]), top, reason))
+        seq.emit(TokenOutput(token, logprob, top, reason))
         if seq.is_finished:
             self._retire(seq)
 

@@ -20,6 +20,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+#: activations transformers computes op by op that torch has as one fused operation (same formula)
+FUSED_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 #: transformers' GPT-2 feature flags this forward does not implement
 UNSUPPORTED_FLAGS = ("add_cross_attention", "reorder_and_upcast_attn")
 
@@ -56,7 +61,7 @@ class BlockWeights:
     fc_bias: torch.Tensor
     proj_weight: torch.Tensor
     proj_bias: torch.Tensor
-    act: torch.nn.Module
+    act: object  # tensor -> tensor
     scale: float
 
     @classmethod
@@ -64,7 +69,8 @@ class BlockWeights:
         attn, mlp = block.attn, block.mlp
         return cls(
             block.ln_1, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
-            block.ln_2, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, mlp.act,
+            block.ln_2, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+            FUSED_ACTIVATIONS.get(config.activation_function, mlp.act),
             attention_scale(config, attn.head_dim, index),
         )
 

@@ -128,6 +128,28 @@ def select_token(logits: torch.Tensor, params: SamplingParams, position: int) ->
     return draw_token(logprobs, seeded_uniform(params.seed or 0, position)), logprobs
 
 
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A chosen token and its logprob (what `select_token` returns, made for a batch at once)."""
+
+    token_id: int
+    logprob: float
+    logprobs: torch.Tensor  # the row it came from, for top_logprobs
+
+
+def choose_greedy_rows(logits: torch.Tensor) -> list[Choice | None]:
+    """The greedy choice of each row of processed `logits` [B, V] with one batched pass.
+
+    Equal to `select_token` row by row (same log_softmax and first-maximum argmax); None for a
+    row with no allowed token or a NaN, which `select_token` then reports.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best, tokens = logprobs.max(dim=-1)
+    is_valid = torch.isfinite(best).tolist()
+    rows = zip(is_valid, tokens.tolist(), best.tolist(), logprobs)
+    return [Choice(token, logprob, row) if valid else None for valid, token, logprob, row in rows]
+
+
 def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
     """The `k` most likely tokens with their logprobs, most likely first."""
     if k <= 0:

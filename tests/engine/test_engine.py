@@ -393,6 +393,32 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_loaded, make_engine, 
     assert max(sizes) > 1
 
 
+def test_a_batch_mixing_greedy_masked_and_sampled_requests_gives_what_each_gets_alone(
+    tiny_loaded, make_engine, decode_batch_sizes
+):
+    engine = make_engine(tiny_loaded)
+    sizes = decode_batch_sizes(engine)
+    mask = torch.zeros(tiny_loaded.vocab_size, dtype=torch.bool)
+    mask[200:260] = True
+    settings = [
+        {}, {"sampling": SamplingParams(num_top_logprobs=3)}, {"processors": (make_mask_processor(mask),)},
+        {"sampling": SamplingParams(temperature=0.8, seed=7)}, {},
+    ]
+    prompts = [make_prompt(5 + 3 * i, seed=70 + i, vocab_size=tiny_loaded.vocab_size) for i in range(len(settings))]
+
+    def run(i: int):
+        tokens = [o for o in collect(engine, Request(prompts[i], 10, **settings[i])) if isinstance(o, TokenOutput)]
+        return [o.token_id for o in tokens], [o.logprob for o in tokens], [[t for t, _ in o.top_logprobs] for o in tokens]
+
+    alone = [run(i) for i in range(len(settings))]
+    together = run_in_threads(run, list(range(len(settings))))
+    for (tokens, logprobs, tops), (tokens_alone, logprobs_alone, tops_alone) in zip(together, alone):
+        assert (tokens, tops) == (tokens_alone, tops_alone)
+        assert_close(logprobs, logprobs_alone)  # a batch's padding changes float rounding only
+    assert all(200 <= token < 260 for token in alone[2][0]) and all(len(top) == 3 for top in alone[1][2])
+    assert max(sizes) > 1
+
+
 # ---- aborts ---------------------------------------------------------------------------
 def test_closing_a_sync_stream_aborts_the_request(tiny_loaded, make_engine):
     engine = make_engine(tiny_loaded)

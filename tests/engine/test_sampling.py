@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmql_backends.engine.sampling import (
+    choose_greedy_rows,
     SamplingParams, apply_processors, draw_token, make_bias_processor, make_mask_processor, pad_mask,
     seeded_uniform, select_token, token_logprobs, top_logprobs, top_p_filter,
 )
@@ -206,3 +207,26 @@ def test_bad_sampling_params_raise_typed_errors(kwargs, param):
         SamplingParams(**kwargs)
     assert info.value.param == param
     assert str(kwargs[param]) in str(info.value)
+
+
+def test_greedy_rows_chosen_together_equal_select_token_row_by_row():
+    inf = float("inf")
+    logits = torch.tensor([
+        [0.5, 2.0, 2.0, -1.0],  # a tie: the first maximum wins
+        [-inf, -inf, 3.0, -inf],  # masked
+        [1.0, 0.0, -2.0, 0.9],
+    ])
+    for row, choice in zip(logits, choose_greedy_rows(logits)):
+        token, logprobs = select_token(row, SamplingParams(), 0)
+        assert (choice.token_id, choice.logprob) == (token, float(logprobs[token]))
+        assert torch.equal(choice.logprobs, logprobs)
+    assert [c.token_id for c in choose_greedy_rows(logits)] == [1, 2, 0]
+
+
+def test_greedy_rows_with_no_allowed_token_or_a_nan_are_left_to_select_token():
+    inf = float("inf")
+    logits = torch.tensor([[-inf, -inf], [float("nan"), 1.0], [0.0, 1.0]])
+    choices = choose_greedy_rows(logits)
+    assert choices[0] is None and choices[1] is None and choices[2].token_id == 1
+    with pytest.raises(ConstraintError):
+        select_token(logits[0], SamplingParams(), 0)
