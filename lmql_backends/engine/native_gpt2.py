@@ -51,12 +51,12 @@ def unsupported_reason(model) -> str | None:
 class BlockWeights:
     """The tensors and settings of one transformer block."""
 
-    ln_1: torch.nn.LayerNorm
+    ln_1: tuple  # layer norm (shape, weight, bias, eps)
     qkv_weight: torch.Tensor
     qkv_bias: torch.Tensor
     out_weight: torch.Tensor
     out_bias: torch.Tensor
-    ln_2: torch.nn.LayerNorm
+    ln_2: tuple
     fc_weight: torch.Tensor
     fc_bias: torch.Tensor
     proj_weight: torch.Tensor
@@ -68,11 +68,16 @@ class BlockWeights:
     def of(cls, block, index: int, config) -> "BlockWeights":
         attn, mlp = block.attn, block.mlp
         return cls(
-            block.ln_1, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
-            block.ln_2, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+            norm_args(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
+            norm_args(block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
             FUSED_ACTIVATIONS.get(config.activation_function, mlp.act),
             attention_scale(config, attn.head_dim, index),
         )
+
+
+def norm_args(norm: torch.nn.LayerNorm) -> tuple:
+    """What F.layer_norm needs from a LayerNorm module (calling the module costs more than the norm)."""
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
 def attention_scale(config, head_dim: int, index: int) -> float:
@@ -89,7 +94,7 @@ class NativeGpt2Forward:
         self.num_heads, self.width = config.n_head, config.n_embd
         self.head_dim = self.width // self.num_heads
         self.wte, self.wpe = model.transformer.wte.weight, model.transformer.wpe.weight
-        self.ln_f, self.lm_head = model.transformer.ln_f, model.lm_head.weight
+        self.ln_f, self.lm_head = norm_args(model.transformer.ln_f), model.lm_head.weight
         self.blocks = [BlockWeights.of(block, i, config) for i, block in enumerate(model.transformer.h)]
 
     def __call__(self, ids, positions, padding, store, past_len: int, all_logits: bool) -> torch.Tensor:
@@ -98,16 +103,16 @@ class NativeGpt2Forward:
         `padding` ([B, past_len + 1] with 0 on left padding, or None) is given for one-token steps.
         """
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
-        mask = attention_mask(padding, ids.shape[1], past_len, x.device)
+        mask = attention_mask(padding, ids.shape[1], past_len, x.dtype, x.device)
         for layer, block in enumerate(self.blocks):
             x = self._block(x, block, layer, store, past_len, mask)
         if not all_logits:
             x = x[:, -1:]
-        return F.linear(self.ln_f(x), self.lm_head)
+        return F.linear(F.layer_norm(x, *self.ln_f), self.lm_head)
 
     def _block(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
-        x = x + self._attention(block.ln_1(x), block, layer, store, past_len, mask)
-        hidden = block.act(linear(block.ln_2(x), block.fc_weight, block.fc_bias))
+        x = x + self._attention(F.layer_norm(x, *block.ln_1), block, layer, store, past_len, mask)
+        hidden = block.act(linear(F.layer_norm(x, *block.ln_2), block.fc_weight, block.fc_bias))
         return x + linear(hidden, block.proj_weight, block.proj_bias)
 
     def _attention(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
@@ -126,10 +131,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
     return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[1])
 
 
-def attention_mask(padding, length: int, past_len: int, device) -> torch.Tensor | None:
-    """Boolean mask (True: may attend) for `length` new tokens after `past_len` columns; None: plain causal."""
-    if padding is not None:
-        return padding.bool()[:, None, None, :]
+def attention_mask(padding, length: int, past_len: int, dtype, device) -> torch.Tensor | None:
+    """Attention mask (boolean, True: may attend; or additive) for `length` new tokens after `past_len` columns; None: plain causal."""
+    if padding is not None:  # additive, made once per step (SDPA would convert a boolean mask in every layer)
+        hidden = torch.zeros(padding.shape, dtype=dtype, device=device).masked_fill_(padding == 0, float("-inf"))
+        return hidden[:, None, None, :]
     if length == 1 or past_len == 0:
         return None  # one token sees everything; no past: is_causal does it
     return torch.ones(length, past_len + length, dtype=torch.bool, device=device).tril(past_len)

@@ -73,15 +73,25 @@ class KVStore:
         return stop == self.end and self.end + num_new <= self.capacity
 
 
-class StoredKV(list):
-    """One sequence's KV (a `KVCache`): per layer views [1, heads, length, head_dim] of a store row."""
+class StoredKV:
+    """One sequence's KV (a `KVCache`): per layer views [1, heads, length, head_dim] of a store row.
+
+    The views are made when read (most KVs of a decode step are only passed on, never read).
+    """
 
     def __init__(self, store: KVStore, row: int, start: int, stop: int):
-        super().__init__(
-            (store.keys[i][row:row + 1, :, start:stop], store.values[i][row:row + 1, :, start:stop])
-            for i in range(store.num_layers)
-        )
         self.store, self.row, self.start, self.stop = store, row, start, stop
+
+    def __len__(self) -> int:
+        return self.store.num_layers
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.store.keys[layer], self.store.values[layer]
+        rows, columns = slice(self.row, self.row + 1), slice(self.start, self.stop)
+        return keys[rows, :, columns], values[rows, :, columns]
+
+    def __iter__(self):
+        return (self[layer] for layer in range(len(self)))
 
     @property
     def length(self) -> int:
@@ -242,10 +252,8 @@ class ModelRunner:
         """Attention mask [B, width + 1] hiding each row's left padding (None: no padding)."""
         if all(n == width for n in lengths):
             return None
-        mask = torch.ones(len(lengths), width + 1, dtype=torch.long, device=self.device)
-        for row, length in enumerate(lengths):
-            mask[row, :width - length] = 0
-        return mask
+        first_real = width - torch.tensor(lengths, device=self.device)
+        return (torch.arange(width + 1, device=self.device)[None, :] >= first_real[:, None]).long()
 
 
 def in_row_order(values: list[int], rows: list[int]) -> list[int]:
