@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator
 
+import orjson
 from aiohttp import web
 
 from ..errors import LmqlBackendsError
@@ -138,10 +138,24 @@ async def start_choices(engine, plans: list[ChoicePlan]) -> list[StartedChoice]:
     return [StartedChoice(plan, s, first) for plan, s, first in zip(plans, streams, firsts)]
 
 
-async def run_choice(started: StartedChoice, builder: ChoiceBuilder, sink: asyncio.Queue) -> None:
-    """Turn one request's outputs into deltas on `sink`; the last item is None or an exception."""
+async def choice_deltas(started: StartedChoice, builder: ChoiceBuilder) -> AsyncIterator[ChoiceDelta]:
+    """The delta of every output of one choice, up to the one with a finish_reason."""
+    async with contextlib.aclosing(started.outputs) as outputs:
+        delta = builder.on_output(started.first)
+        yield delta
+        if delta.finish_reason is None:
+            async for out in outputs:
+                delta = builder.on_output(out)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+
+
+async def run_choice(choice: AsyncGenerator, sink: asyncio.Queue) -> None:
+    """Put the deltas of one choice on `sink`; the last item is None or an exception."""
     try:
-        await put_deltas(started, builder, sink)
+        async for delta in choice:
+            sink.put_nowait(delta)
         sink.put_nowait(None)
     except asyncio.CancelledError:
         raise
@@ -149,34 +163,28 @@ async def run_choice(started: StartedChoice, builder: ChoiceBuilder, sink: async
         sink.put_nowait(exc)
 
 
-async def put_deltas(started: StartedChoice, builder: ChoiceBuilder, sink: asyncio.Queue) -> None:
-    """Put the delta of every output on `sink`, up to the one with a finish_reason."""
-    async with contextlib.aclosing(started.outputs) as outputs:
-        delta = builder.on_output(started.first)
-        sink.put_nowait(delta)
-        if delta.finish_reason is None:
-            async for out in outputs:
-                delta = builder.on_output(out)
-                sink.put_nowait(delta)
-                if delta.finish_reason is not None:
-                    break
-
-
 class CompletionRun:
-    """All the choices of one completion, running concurrently; yields their deltas and counts usage."""
+    """All the choices of one completion, running concurrently; yields their deltas and counts usage.
+
+    One choice (the usual case) is read directly; several run as tasks feeding one queue.
+    """
 
     def __init__(self, completion: CompletionRequest, state: ServerState, started: list[StartedChoice]):
         tokenizer = state.loaded.tokenizer
         namer = TokenNamer(tokenizer, completion.return_tokens_as_token_ids)
         self.usage = Usage(completion.num_prompt_tokens)
+        self.choices = [choice_deltas(s, ChoiceBuilder(s.plan, completion, tokenizer, namer)) for s in started]
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.tasks = [
-            asyncio.create_task(run_choice(s, ChoiceBuilder(s.plan, completion, tokenizer, namer), self.queue))
-            for s in started
-        ]
+        many = len(self.choices) > 1
+        self.tasks = [asyncio.create_task(run_choice(c, self.queue)) for c in self.choices] if many else []
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every delta as it comes; raises the first error of any choice."""
+        async for delta in (self._merged() if self.tasks else self.choices[0]):
+            self.usage.completion_tokens += delta.num_tokens
+            yield delta
+
+    async def _merged(self) -> AsyncIterator[ChoiceDelta]:
         remaining = len(self.tasks)
         while remaining:
             item = await self.queue.get()
@@ -185,7 +193,6 @@ class CompletionRun:
             elif isinstance(item, BaseException):
                 raise item
             else:
-                self.usage.completion_tokens += item.num_tokens
                 yield item
 
     async def cancel(self) -> None:
@@ -193,6 +200,8 @@ class CompletionRun:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for choice in self.choices:
+            await choice.aclose()
 
 
 # ---- response formats --------------------------------------------------------------------
@@ -261,7 +270,7 @@ class EventStream:
         """Write one SSE frame; raise ConnectionResetError when the client is gone."""
         if is_disconnected(self.request):
             raise ConnectionResetError("the client closed the connection")
-        await self.response.write(f"data: {json.dumps(data)}\n\n".encode())
+        await self.response.write(b"data: " + orjson.dumps(data) + b"\n\n")
 
     async def close(self) -> None:
         """Send ``[DONE]`` and end the body (quietly, if the client is gone)."""

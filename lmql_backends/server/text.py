@@ -206,7 +206,8 @@ class LogprobsPart:
             getattr(self, field.name).extend(getattr(other, field.name))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset}
 
 
 @dataclasses.dataclass
