@@ -6,6 +6,10 @@ streams: aggregate tokens/s (all tokens / wall time) and the p50 / p95 per-token
 gaps between consecutive tokens of a stream, over all streams). Figure: aggregate tokens/s
 with N streams / with one stream. Target: 8 streams >= 3x one stream (continuous batching).
 
+The same rounds also run through the engine in-process (no HTTP; rows marked ``in-process
+engine``, no target): the batching of the engine alone, apart from the server's per-token HTTP
+work, which shares the engine's Python interpreter (one GIL) in a `serve-model` process.
+
     python benchmarks/concurrency.py [--quick] [--model tiny|gpt2-small|all]
 """
 
@@ -14,6 +18,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+
+from lmql_backends.client.inprocess import InProcessClient
+from lmql_backends.engine import Request
+from lmql_backends.engine.sequence import TokenOutput
 
 from common import (
     BenchContext, BenchModel, Figure, StreamTiming, at_least, load_tokenizer_of, make_http_session, make_prompt_ids,
@@ -47,6 +55,22 @@ async def run_round(session, base_url: str, model: str, prompts: list[list[int]]
     return RoundResult(tuple(timings), time.perf_counter() - start)
 
 
+async def run_engine_round(engine, prompts: list[list[int]], num_tokens: int) -> RoundResult:
+    """The same round through the engine's own stream, in this process."""
+    start = time.perf_counter()
+    timings = await asyncio.gather(*(engine_stream_timing(engine, p, num_tokens) for p in prompts))
+    return RoundResult(tuple(timings), time.perf_counter() - start)
+
+
+async def engine_stream_timing(engine, prompt: list[int], num_tokens: int) -> StreamTiming:
+    """Greedy tokens of `prompt` (no stop token, like ``ignore_eos``), timed as each arrives."""
+    start, times = time.perf_counter(), []
+    async for out in engine.stream(Request(list(prompt), max_tokens=num_tokens)):
+        if isinstance(out, TokenOutput):
+            times.append(time.perf_counter() - start)
+    return StreamTiming(tuple(times))
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamsSummary:
     """Medians over repetitions for one number of streams."""
@@ -57,8 +81,10 @@ class StreamsSummary:
     p95_ms: float
 
 
-async def measure_model(context: BenchContext, model: BenchModel, session) -> list[StreamsSummary]:
+async def measure_model(context: BenchContext, model: BenchModel, session) -> dict[str, list[StreamsSummary]]:
+    """Summaries per number of streams, through the server ("server") and in-process ("engine")."""
     server = context.servers.get(model.name)
+    engine = InProcessClient(model.name).engine
     tokenizer = load_tokenizer_of(model)
     num_tokens = context.settings.pick(64, 16)
 
@@ -67,11 +93,13 @@ async def measure_model(context: BenchContext, model: BenchModel, session) -> li
                 for i in range(num_streams)]
 
     await run_round(session, server.base_url, model.name, prompts(2, 99), 4)  # warm up
-    rounds: dict[int, list[RoundResult]] = {n: [] for n in STREAM_COUNTS}
+    await run_engine_round(engine, prompts(2, 99), 4)
+    rounds: dict[str, dict[int, list[RoundResult]]] = {way: {n: [] for n in STREAM_COUNTS} for way in ("server", "engine")}
     for rep in range(context.settings.repetitions):
         for n in STREAM_COUNTS:
-            rounds[n].append(await run_round(session, server.base_url, model.name, prompts(n, rep), num_tokens))
-    return [summarize(n, rounds[n]) for n in STREAM_COUNTS]
+            rounds["server"][n].append(await run_round(session, server.base_url, model.name, prompts(n, rep), num_tokens))
+            rounds["engine"][n].append(await run_engine_round(engine, prompts(n, rep), num_tokens))
+    return {way: [summarize(n, by_count[n]) for n in STREAM_COUNTS] for way, by_count in rounds.items()}
 
 
 def summarize(num_streams: int, rounds: list[RoundResult]) -> StreamsSummary:
@@ -81,15 +109,18 @@ def summarize(num_streams: int, rounds: list[RoundResult]) -> StreamsSummary:
     )
 
 
-def make_figures(model: BenchModel, summaries: list[StreamsSummary]) -> list[Figure]:
+def make_figures(model: BenchModel, summaries: list[StreamsSummary], way: str) -> list[Figure]:
+    """Ratios to one stream: the server's rows carry the target, the in-process engine's none."""
     one = summaries[0]
     figures = []
     for s in summaries[1:]:
         detail = (f"{s.tokens_per_second:.1f} vs {one.tokens_per_second:.1f} tokens/s; per-token p50 "
                   f"{s.p50_ms:.1f} ms, p95 {s.p95_ms:.1f} ms (1 stream: {one.p50_ms:.1f} / {one.p95_ms:.1f})")
-        name = f"aggregate tokens/s, {s.num_streams} streams / 1 stream"
+        prefix = "" if way == "server" else "in-process engine: "
+        name = f"{prefix}aggregate tokens/s, {s.num_streams} streams / 1 stream"
         ratio = s.tokens_per_second / one.tokens_per_second
-        figures.append(Figure(BENCHMARK, model.label, name, ratio, detail, TARGETS.get(s.num_streams)))
+        target = TARGETS.get(s.num_streams) if way == "server" else None
+        figures.append(Figure(BENCHMARK, model.label, name, ratio, detail, target))
     return figures
 
 
@@ -98,11 +129,12 @@ async def run(context: BenchContext) -> list[Figure]:
     figures = []
     async with make_http_session() as session:
         for model in context.models:
-            summaries = await measure_model(context, model, session)
-            for s in summaries:
-                print(f"{model.label}: {s.num_streams:2d} streams {s.tokens_per_second:7.1f} tokens/s, "
-                      f"per-token p50 {s.p50_ms:.1f} ms p95 {s.p95_ms:.1f} ms", flush=True)
-            figures += make_figures(model, summaries)
+            by_way = await measure_model(context, model, session)
+            for way, summaries in by_way.items():
+                for s in summaries:
+                    print(f"{model.label} ({way}): {s.num_streams:2d} streams {s.tokens_per_second:7.1f} tokens/s, "
+                          f"per-token p50 {s.p50_ms:.1f} ms p95 {s.p95_ms:.1f} ms", flush=True)
+                figures += make_figures(model, summaries, way)
     return figures
 
 
