@@ -41,6 +41,8 @@ def unsupported_reason(model) -> str | None:
         return f"the model's config sets {', '.join(flags)}"
     if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
         return "the model is split across devices (device_map)"
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+        return "accelerate hooks move the model's weights (offloading)"
     layers = [m for block in model.transformer.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
     if not all(type(layer) is Conv1D and layer.weight.is_floating_point() for layer in layers):
         return "the model's projections are not plain Conv1D layers (a quantizing loader replaced them)"

@@ -59,6 +59,12 @@ def slice_kv(kv: KVCache, length: int) -> KVCache:
     return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
 
 
+def is_growable_copy(kv: KVCache, stored: KVCache) -> bool:
+    """Whether `kv` lives in a store of its own that it can grow in place, unlike `stored`'s."""
+    return (isinstance(kv, StoredKV) and kv.start == 0 and kv.is_growable(1)
+            and not (isinstance(stored, StoredKV) and stored.store is kv.store))
+
+
 class PrefixCache:
     """LRU cache of token-sequence KV, bounded by the number of stored tokens."""
 
@@ -84,15 +90,21 @@ class PrefixCache:
         return CacheHit(length, slice_kv(self.entries[key].kv, length))
 
     def _best_match(self, ids, max_length: int) -> tuple[int | None, int]:
-        candidates = self._candidates(ids, max_length)
-        best_key, best_length = None, 0
-        for key, start in candidates:
-            length = common_prefix_length(self.entries[key].ids, ids[:max_length], start)
-            if length and not self._is_verified(self.entries[key].ids, ids, start):
+        """The entry sharing the longest prefix with ids[:max_length]; on a tie, one that ends there.
+
+        An entry matched to its full length can grow in place (see `insert`): preferring it
+        keeps a re-run of a cached sequence from copying its past for every token.
+        """
+        best_key, best_rank = None, (0, False)
+        for key, start in self._candidates(ids, max_length):
+            stored = self.entries[key].ids
+            length = common_prefix_length(stored, ids[:max_length], start)
+            if length and not self._is_verified(stored, ids, start):
                 continue
-            if length > best_length:
-                best_key, best_length = key, length
-        return best_key, best_length
+            rank = (length, length == len(stored))
+            if rank > best_rank:
+                best_key, best_rank = key, rank
+        return best_key, best_rank[0]
 
     @staticmethod
     def _is_verified(stored, ids, num_hashed: int) -> bool:
@@ -122,7 +134,11 @@ class PrefixCache:
         return list(found.items())
 
     def insert(self, ids, kv: KVCache) -> None:
-        """Store the KV of `ids`, replacing stored entries that are prefixes of it."""
+        """Store the KV of `ids`, replacing stored entries that are prefixes of it.
+
+        When a stored entry already holds all of `ids`, the new KV is kept too only if it can grow
+        in place where the entry's cannot (it was copied out of the entry to compute `ids`).
+        """
         ids = tuple(ids)
         if len(ids) == 0 or len(ids) > self.max_tokens:
             return
@@ -131,7 +147,8 @@ class PrefixCache:
             length = common_prefix_length(entry.ids, ids, start)
             if length == len(ids) and self._is_verified(entry.ids, ids, start):
                 self.entries.move_to_end(key)  # an entry already holds all of it
-                return
+                if not is_growable_copy(kv, entry.kv):
+                    return
             if length == len(entry.ids) and self._is_verified(entry.ids, ids, start):
                 self._remove(key)
         self._add(CacheEntry(ids, detach_kv(kv), tuple(block_hashes(ids))))

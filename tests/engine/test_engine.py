@@ -19,6 +19,7 @@ from lmql_backends.engine import (
     Engine, EngineConfig, ErrorOutput, PromptOutput, Request, SamplingParams, TokenOutput,
     make_bias_processor, make_mask_processor,
 )
+from lmql_backends.engine import runner
 from lmql_backends.engine.sampling import draw_token, seeded_uniform, top_p_filter
 from lmql_backends.errors import ContextLengthError, EngineError, InvalidRequestError
 from lmql_backends.loader import load_model
@@ -116,6 +117,7 @@ def decode_batch_sizes(monkeypatch):
         return sizes
 
     return watch
+
 
 
 # ---- helpers --------------------------------------------------------------------------
@@ -615,3 +617,14 @@ def test_stop_cancels_requests_in_flight_and_refuses_new_ones(tiny_loaded, make_
         assert isinstance(outputs[-1], ErrorOutput) and isinstance(outputs[-1].error, RequestCancelledError)
     with pytest.raises(RequestCancelledError, match="shutting down"):
         engine.submit(Request([1, 2]), lambda out: None)
+
+
+def test_re_running_cached_per_token_requests_grows_the_kv_in_place(tiny_loaded, make_engine, monkeypatch):
+    engine = make_engine(tiny_loaded)
+    prompt = make_prompt(21, seed=5, vocab_size=tiny_loaded.vocab_size)
+    run_legacy_client(engine, tiny_loaded.model, prompt, 12)
+    copies, copy_past = [], runner.copy_past
+    monkeypatch.setattr(runner, "copy_past", lambda *args: copies.append(args[-1]) or copy_past(*args))
+    cached = run_legacy_client(engine, tiny_loaded.model, prompt, 12)  # the same 12 rows again
+    assert cached == [len(prompt) - 1 + i for i in range(12)]
+    assert copies == [len(prompt) - 1]  # the past is copied out of the stored entry once, not per token

@@ -118,6 +118,9 @@ def test_gpt2_variants_it_does_not_implement_run_through_transformers():
     quantized_like.transformer.h[1].mlp.c_fc = torch.nn.Linear(32, 128)  # what a quantizing loader does
     assert "not plain Conv1D" in unsupported_reason(quantized_like)
     assert not ModelRunner(quantized_like).is_native
+    offloaded = random_gpt2()
+    offloaded.transformer.h[0]._hf_hook = object()  # what accelerate's offloading attaches
+    assert "accelerate hooks" in unsupported_reason(offloaded)
 
 
 def test_engines_on_both_forwards_generate_the_same_tokens_for_concurrent_requests(tiny_model):

@@ -256,3 +256,33 @@ def test_storing_an_extension_replaces_every_stored_prefix_of_it():
     stored(cache, base)
     assert sorted(len(e.ids) for e in cache.entries.values()) == [36, 40]
     assert cache.num_tokens == 76
+
+
+# ---- re-running a cached sequence ------------------------------------------------------
+def make_growable_kv(ids) -> StoredKV:
+    """`make_kv(ids)` copied into a one-row store with room to grow (as the runner makes them)."""
+    store = KVStore(1, len(ids) + 8, NUM_LAYERS)
+    copy_past(store, 0, 0, make_kv(ids), len(ids))
+    store.end = len(ids)
+    return StoredKV(store, 0, 0, len(ids))
+
+
+def test_a_growable_copy_of_a_cached_prefix_is_kept_and_preferred_on_a_tie():
+    cache = PrefixCache(1000)
+    long = seq(1, 40)
+    cache.insert(long, make_growable_kv(long))
+    copy = make_growable_kv(long[:20])  # computed in a store of its own after a prefix hit
+    cache.insert(long[:20], copy)
+    assert len(cache.entries) == 2
+    hit = cache.lookup(long[:21], 20)  # the next row: both entries match 20 tokens
+    assert hit.num_tokens == 20 and hit.kv.store is copy.store and hit.kv.is_growable(1)
+    assert cache.lookup(long, 30).kv.store is not copy.store  # a longer match still wins
+
+
+def test_a_covered_kv_that_cannot_grow_is_not_stored_twice():
+    cache = PrefixCache(1000)
+    long = seq(1, 40)
+    cache.insert(long, make_growable_kv(long))
+    cache.insert(long[:20], make_kv(long[:20]))  # plain tensors: nothing to gain
+    cache.insert(long[:20], cache.lookup(long[:21], 20).kv)  # a view of the stored entry itself
+    assert len(cache.entries) == 1
