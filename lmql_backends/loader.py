@@ -8,6 +8,7 @@ model once per process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -110,11 +111,13 @@ def load_tokenizer(name: str, tokenizer: str | None = None):
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {exc}") from exc
 
 
+@functools.lru_cache(maxsize=64)
 def load_context_length(name: str) -> int | None:
     """The context length from a model's config, read locally (None when it cannot be read).
 
     The legacy protocol has no way to ask the server; its clients always loaded the model's
     files locally from the model string (for the tokenizer), so the config is there too.
+    Read once per process and name (each query makes a new client; reading takes milliseconds).
     """
     from transformers import AutoConfig
 
