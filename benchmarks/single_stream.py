@@ -4,6 +4,9 @@ For each model, 128 new tokens after a 16-token prompt, through:
 
 - the hand loop: transformers with a DynamicCache, one token per forward (the reference);
 - in-process: ``InProcessClient.generate`` (one request of 128 tokens through the engine);
+- in-process on transformers' forward: the same request through an engine with
+  ``EngineConfig(model_impl="transformers")`` (``serve-model --model-impl transformers``), to show
+  what the engine's own GPT-2 forward contributes (no target);
 - ``run_sync`` of an argmax query (``len(TOKENS(X)) <= 128``, the runtime's default chunks);
 - the new server: ``OpenAIClient.generate`` (one streamed request) to a serve-model process;
 - the legacy server: ``LegacyClient.generate``, one token per request, to a serve-model --legacy process.
@@ -27,7 +30,7 @@ from lmql_backends.client.base import LMClient
 from lmql_backends.client.inprocess import InProcessClient
 from lmql_backends.client.legacy_client import LegacyClient
 from lmql_backends.client.openai_client import OpenAIClient
-from lmql_backends.engine import SamplingParams
+from lmql_backends.engine import Engine, EngineConfig, Request, SamplingParams, TokenOutput
 from lmql_backends.runtime.api import run_sync
 from lmql_backends.runtime.tokens import prompt_ids
 
@@ -42,6 +45,15 @@ async def generate_tokens_per_second(client: LMClient, prompt: list[int], num_to
     start = time.perf_counter()
     choices = await client.generate(prompt, None, num_tokens, SamplingParams())
     return len(choices) / (time.perf_counter() - start)
+
+
+async def engine_tokens_per_second(engine: Engine, prompt: list[int], num_tokens: int, eos: int | None) -> float:
+    """One greedy request of `num_tokens` tokens straight through `engine` (stops after EOS, as generate)."""
+    stop = frozenset() if eos is None else frozenset({eos})
+    start, count = time.perf_counter(), 0
+    async for out in engine.stream(Request(list(prompt), max_tokens=num_tokens, stop_token_ids=stop)):
+        count += isinstance(out, TokenOutput)
+    return count / (time.perf_counter() - start)
 
 
 async def per_token_tokens_per_second(client: LMClient, prompt: list[int], num_tokens: int) -> float:
@@ -75,6 +87,7 @@ class SingleStream:
         legacy = context.servers.get(model.name, legacy=True)
         self.openai = OpenAIClient(model.name, new.endpoint, self.tokenizer, chunk_timeout=300)
         self.legacy = LegacyClient(model.name, legacy.endpoint, self.tokenizer, chunk_timeout=300)
+        self.transformers_engine = Engine(self.inprocess.loaded, EngineConfig(model_impl="transformers")).start()
 
     def prompt(self, rep: int) -> list[int]:
         return make_prompt_ids(self.tokenizer, PROMPT_TOKENS, seed=rep)
@@ -111,6 +124,7 @@ class SingleStream:
         prompt = self.prompt(99)
         for client in (self.inprocess, self.openai):
             await generate_tokens_per_second(client, prompt, 4)
+        await engine_tokens_per_second(self.transformers_engine, prompt, 4, None)
         await per_token_tokens_per_second(self.legacy, prompt, 4)
         query_tokens_per_second(self.model, "Warm up", 4, 4)
 
@@ -121,6 +135,8 @@ class SingleStream:
         speeds = await alternate_medians(self.context.settings.repetitions, {
             "hand loop": as_async(self.hand),
             "in-process": lambda rep: generate_tokens_per_second(self.inprocess, self.prompt(rep), n),
+            "in-process, transformers forward": lambda rep: engine_tokens_per_second(
+                self.transformers_engine, self.prompt(rep), n, self.inprocess.eos_token_id),
             "run_sync query": as_async(self.query),
             "new server": lambda rep: generate_tokens_per_second(self.openai, self.prompt(rep), n),
             "legacy server": lambda rep: per_token_tokens_per_second(self.legacy, self.prompt(rep), n),
@@ -129,6 +145,7 @@ class SingleStream:
         return speeds
 
     async def close(self) -> None:
+        self.transformers_engine.stop()
         await self.openai.aclose()
         await self.legacy.aclose()
 

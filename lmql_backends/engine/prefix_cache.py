@@ -123,10 +123,10 @@ class PrefixCache:
             keys = self.by_first_token.get(ids[0], set())
         return [(key, matched) for key in keys]
 
-    def _overlapping(self, ids) -> list[tuple[int, int]]:
+    def _overlapping(self, ids, hashes: tuple[int, ...]) -> list[tuple[int, int]]:
         """Every entry sharing a first token or full blocks with `ids`, with the length known to match."""
         found = {key: 0 for key in self.by_first_token.get(ids[0], ())}
-        for b, h in enumerate(block_hashes(ids)):
+        for b, h in enumerate(hashes):
             hit = self.by_block.get(h)
             if not hit:
                 break
@@ -142,7 +142,8 @@ class PrefixCache:
         ids = tuple(ids)
         if len(ids) == 0 or len(ids) > self.max_tokens:
             return
-        for key, start in self._overlapping(ids):
+        hashes = tuple(block_hashes(ids))
+        for key, start in self._overlapping(ids, hashes):
             entry = self.entries[key]
             length = common_prefix_length(entry.ids, ids, start)
             if length == len(ids) and self._is_verified(entry.ids, ids, start):
@@ -151,7 +152,7 @@ class PrefixCache:
                     return
             if length == len(entry.ids) and self._is_verified(entry.ids, ids, start):
                 self._remove(key)
-        self._add(CacheEntry(ids, detach_kv(kv), tuple(block_hashes(ids))))
+        self._add(CacheEntry(ids, detach_kv(kv), hashes))
         self._evict()
 
     def _add(self, entry: CacheEntry) -> None:
