@@ -43,7 +43,8 @@ def unsupported_reason(model) -> str | None:
         return "the model is split across devices (device_map)"
     if any(hasattr(module, "_hf_hook") for module in model.modules()):
         return "accelerate hooks move the model's weights (offloading)"
-    layers = [m for block in model.transformer.h for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+    layers = [layer for block in model.transformer.h
+              for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
     if not all(type(layer) is Conv1D and layer.weight.is_floating_point() for layer in layers):
         return "the model's projections are not plain Conv1D layers (a quantizing loader replaced them)"
     return None
@@ -134,7 +135,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
 
 
 def attention_mask(padding, length: int, past_len: int, dtype, device) -> torch.Tensor | None:
-    """Attention mask (boolean, True: may attend; or additive) for `length` new tokens after `past_len` columns; None: plain causal."""
+    """The attention mask of `length` new tokens after `past_len` columns (None: plain causal).
+
+    Additive (0 / -inf) for a padded one-token step; boolean (True: may attend) for a prefill
+    after a cached past.
+    """
     if padding is not None:  # additive, made once per step (SDPA would convert a boolean mask in every layer)
         hidden = torch.zeros(padding.shape, dtype=dtype, device=device).masked_fill_(padding == 0, float("-inf"))
         return hidden[:, None, None, :]

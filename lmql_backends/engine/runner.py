@@ -163,7 +163,8 @@ def make_forward(model, model_impl: str = "auto"):
 def check_model_impl(model_impl: str) -> None:
     """InvalidRequestError naming `model_impl` unless it is one of MODEL_IMPLS."""
     if model_impl not in MODEL_IMPLS:
-        raise InvalidRequestError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {model_impl!r}", "model_impl")
+        raise InvalidRequestError(
+            f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {model_impl!r}", "model_impl")
 
 
 class ModelRunner:
