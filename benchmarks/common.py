@@ -440,6 +440,18 @@ async def stream_completion(session, base_url: str, model: str, prompt: list[int
     return StreamTiming(tuple(times))
 
 
+async def engine_stream_timing(engine, prompt: list[int], max_tokens: int,
+                               stop_token_ids: frozenset[int] = frozenset()) -> StreamTiming:
+    """A greedy request of `prompt` straight through an in-process `engine`, each token's arrival timed."""
+    from lmql_backends.engine import Request, TokenOutput
+
+    start, times = time.perf_counter(), []
+    async for out in engine.stream(Request(list(prompt), max_tokens=max_tokens, stop_token_ids=stop_token_ids)):
+        if isinstance(out, TokenOutput):
+            times.append(time.perf_counter() - start)
+    return StreamTiming(tuple(times))
+
+
 def count_chunk_tokens(line: bytes) -> int:
     """Tokens in one SSE line of a completion stream (0 for blank lines, [DONE] and usage)."""
     text = line.decode().strip()

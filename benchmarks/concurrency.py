@@ -20,12 +20,10 @@ import dataclasses
 import time
 
 from lmql_backends.client.inprocess import InProcessClient
-from lmql_backends.engine import Request
-from lmql_backends.engine.sequence import TokenOutput
 
 from common import (
-    BenchContext, BenchModel, Figure, StreamTiming, at_least, load_tokenizer_of, make_http_session, make_prompt_ids,
-    median, percentile, standalone_main, stream_completion,
+    BenchContext, BenchModel, Figure, StreamTiming, at_least, engine_stream_timing, load_tokenizer_of,
+    make_http_session, make_prompt_ids, median, percentile, standalone_main, stream_completion,
 )
 
 BENCHMARK = "concurrency"
@@ -49,26 +47,11 @@ class RoundResult:
         return [gap for t in self.timings for gap in t.gaps()]
 
 
-async def run_round(session, base_url: str, model: str, prompts: list[list[int]], num_tokens: int) -> RoundResult:
+async def run_round(streams: list) -> RoundResult:
+    """Run the timed `streams` (coroutines giving a StreamTiming) at once."""
     start = time.perf_counter()
-    timings = await asyncio.gather(*(stream_completion(session, base_url, model, p, num_tokens) for p in prompts))
+    timings = await asyncio.gather(*streams)
     return RoundResult(tuple(timings), time.perf_counter() - start)
-
-
-async def run_engine_round(engine, prompts: list[list[int]], num_tokens: int) -> RoundResult:
-    """The same round through the engine's own stream, in this process."""
-    start = time.perf_counter()
-    timings = await asyncio.gather(*(engine_stream_timing(engine, p, num_tokens) for p in prompts))
-    return RoundResult(tuple(timings), time.perf_counter() - start)
-
-
-async def engine_stream_timing(engine, prompt: list[int], num_tokens: int) -> StreamTiming:
-    """Greedy tokens of `prompt` (no stop token, like ``ignore_eos``), timed as each arrives."""
-    start, times = time.perf_counter(), []
-    async for out in engine.stream(Request(list(prompt), max_tokens=num_tokens)):
-        if isinstance(out, TokenOutput):
-            times.append(time.perf_counter() - start)
-    return StreamTiming(tuple(times))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +75,17 @@ async def measure_model(context: BenchContext, model: BenchModel, session) -> di
         return [make_prompt_ids(tokenizer, PROMPT_TOKENS, seed=5000 + 100 * rep + 17 * num_streams + i)
                 for i in range(num_streams)]
 
-    await run_round(session, server.base_url, model.name, prompts(2, 99), 4)  # warm up
-    await run_engine_round(engine, prompts(2, 99), 4)
-    rounds: dict[str, dict[int, list[RoundResult]]] = {way: {n: [] for n in STREAM_COUNTS} for way in ("server", "engine")}
+    streams = {
+        "server": lambda p, num: stream_completion(session, server.base_url, model.name, p, num),
+        "engine": lambda p, num: engine_stream_timing(engine, p, num),  # no stop token, like ignore_eos
+    }
+    for stream in streams.values():
+        await run_round([stream(p, 4) for p in prompts(2, 99)])  # warm up
+    rounds: dict[str, dict[int, list[RoundResult]]] = {way: {n: [] for n in STREAM_COUNTS} for way in streams}
     for rep in range(context.settings.repetitions):
         for n in STREAM_COUNTS:
-            rounds["server"][n].append(await run_round(session, server.base_url, model.name, prompts(n, rep), num_tokens))
-            rounds["engine"][n].append(await run_engine_round(engine, prompts(n, rep), num_tokens))
+            for way, stream in streams.items():
+                rounds[way][n].append(await run_round([stream(p, num_tokens) for p in prompts(n, rep)]))
     return {way: [summarize(n, by_count[n]) for n in STREAM_COUNTS] for way, by_count in rounds.items()}
 
 

@@ -22,15 +22,15 @@ from __future__ import annotations
 import time
 
 from common import (
-    BenchContext, BenchModel, Figure, Target, alternate_medians, as_async, at_least, hand_greedy_loop,
-    make_prompt_ids, num_tokens_before_eos, standalone_main,
+    BenchContext, BenchModel, Figure, Target, alternate_medians, as_async, at_least, engine_stream_timing,
+    hand_greedy_loop, make_prompt_ids, num_tokens_before_eos, standalone_main,
 )
 
 from lmql_backends.client.base import LMClient
 from lmql_backends.client.inprocess import InProcessClient
 from lmql_backends.client.legacy_client import LegacyClient
 from lmql_backends.client.openai_client import OpenAIClient
-from lmql_backends.engine import Engine, EngineConfig, Request, SamplingParams, TokenOutput
+from lmql_backends.engine import Engine, EngineConfig, SamplingParams
 from lmql_backends.runtime.api import run_sync
 from lmql_backends.runtime.tokens import prompt_ids
 
@@ -49,11 +49,9 @@ async def generate_tokens_per_second(client: LMClient, prompt: list[int], num_to
 
 async def engine_tokens_per_second(engine: Engine, prompt: list[int], num_tokens: int, eos: int | None) -> float:
     """One greedy request of `num_tokens` tokens straight through `engine` (stops after EOS, as generate)."""
-    stop = frozenset() if eos is None else frozenset({eos})
-    start, count = time.perf_counter(), 0
-    async for out in engine.stream(Request(list(prompt), max_tokens=num_tokens, stop_token_ids=stop)):
-        count += isinstance(out, TokenOutput)
-    return count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    timing = await engine_stream_timing(engine, prompt, num_tokens, frozenset() if eos is None else frozenset({eos}))
+    return timing.num_tokens / (time.perf_counter() - start)
 
 
 async def per_token_tokens_per_second(client: LMClient, prompt: list[int], num_tokens: int) -> float:
