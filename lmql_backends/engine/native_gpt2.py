@@ -20,11 +20,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, as one fused torch operation."""
+    return F.gelu(x, approximate="tanh")
+
+
 #: activations transformers computes op by op that torch has as one fused operation (same formula)
-FUSED_ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+FUSED_ACTIVATIONS = {"gelu_new": tanh_gelu, "gelu_pytorch_tanh": tanh_gelu}
 #: transformers' GPT-2 feature flags this forward does not implement
 UNSUPPORTED_FLAGS = ("add_cross_attention", "reorder_and_upcast_attn")
 

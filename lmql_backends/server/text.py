@@ -206,8 +206,7 @@ class LogprobsPart:
             getattr(self, field.name).extend(getattr(other, field.name))
 
     def to_json(self) -> dict:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
-                "text_offset": self.text_offset}
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 @dataclasses.dataclass
