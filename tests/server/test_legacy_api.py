@@ -116,12 +116,20 @@ def test_forward_1d_returns_a_flat_vector(legacy_server):
     assert_close(logits, reference_logits(legacy_server, ids))
 
 
-def wait_until_idle(engine, seconds: float = 10) -> None:
-    """Until the engine runs nothing (a lookahead started after an answer may still be running)."""
-    deadline = time.monotonic() + seconds
-    while engine.stats().num_running + engine.stats().num_waiting > 0:
+def wait_until_idle(engine, seconds: float = 10, num_quiet_readings: int = 3) -> None:
+    """Until the engine runs nothing and its counts stay still over a few readings 50 ms apart.
+
+    A lookahead started after an answer may still be running, or not yet submitted: its task
+    reaches the engine's inbox only when the server's event loop runs it, possibly after the answer.
+    """
+    deadline, quiet, last = time.monotonic() + seconds, 0, None
+    while quiet < num_quiet_readings:
         assert time.monotonic() < deadline, "the engine did not become idle"
-        time.sleep(0.01)
+        stats = engine.stats()
+        reading = (stats.num_running + stats.num_waiting, stats.num_steps)
+        quiet = quiet + 1 if reading[0] == 0 and reading == last else 0
+        last = reading
+        time.sleep(0.05)
 
 
 def test_per_token_resends_hit_the_prefix_cache(legacy_server):
