@@ -2,7 +2,9 @@
 
 A lookup returns the KV of the longest stored prefix of the asked ids. Stored sequences are
 indexed by chained hashes of their full 16-token blocks (as in vLLM); the match is then
-extended token by token inside the best entry, so any prefix length can hit. The KV of a
+extended token by token inside the best entry, so any prefix length can hit. A lookup of a
+stored sequence itself (the legacy protocol's next token: the sequence just run plus one) is
+found by one dictionary access on the ids, without hashing blocks. The KV of a
 prefix of a stored sequence is a slice of that sequence's KV, so storing a sequence that
 extends an entry replaces the entry. Memory is bounded by `max_tokens` (least recently used
 entries are evicted). Stored columns are never rewritten (see runner.py: only the KV ending at
@@ -52,6 +54,18 @@ def common_prefix_length(a, b, start: int = 0) -> int:
     return i
 
 
+def num_equal_leading(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading chained hashes `a` and `b` share (equal at i implies equal before i)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:  # binary search: equality only holds on a leading run
+        middle = (low + high + 1) // 2
+        if a[middle - 1] == b[middle - 1]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def slice_kv(kv: KVCache, length: int) -> KVCache:
     """The KV of the first `length` tokens, as views."""
     if isinstance(kv, StoredKV):
@@ -73,6 +87,7 @@ class PrefixCache:
         self.entries: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
         self.by_block: dict[int, set[int]] = collections.defaultdict(set)
         self.by_first_token: dict[int, set[int]] = collections.defaultdict(set)
+        self.by_ids: dict[tuple[int, ...], int] = {}  # no two entries hold the same ids (see insert)
         self.num_tokens = 0
         self.num_lookups = self.num_hits = self.num_hit_tokens = self.num_lookup_tokens = 0
         self._keys = itertools.count()
@@ -81,7 +96,8 @@ class PrefixCache:
         """KV of the longest stored prefix of ids[:max_length] (sliced views, read only)."""
         self.num_lookups += 1
         self.num_lookup_tokens += len(ids)
-        key, length = self._best_match(ids, max_length)
+        key = self.by_ids.get(tuple(ids[:max_length]))
+        key, length = (key, max_length) if key is not None else self._best_match(ids, max_length)
         if key is None or length == 0:
             return CacheHit(0, None)
         self.entries.move_to_end(key)
@@ -93,7 +109,8 @@ class PrefixCache:
         """The entry sharing the longest prefix with ids[:max_length]; on a tie, one that ends there.
 
         An entry matched to its full length can grow in place (see `insert`): preferring it
-        keeps a re-run of a cached sequence from copying its past for every token.
+        keeps a re-run of a cached sequence from copying its past for every token. (An entry that
+        is ids[:max_length] itself ranks first; `lookup` finds it through `by_ids` instead.)
         """
         best_key, best_rank = None, (0, False)
         for key, start in self._candidates(ids, max_length):
@@ -124,36 +141,57 @@ class PrefixCache:
         return [(key, matched) for key in keys]
 
     def _overlapping(self, ids, hashes: tuple[int, ...]) -> list[tuple[int, int]]:
-        """Every entry sharing a first token or full blocks with `ids`, with the length known to match."""
-        found = {key: 0 for key in self.by_first_token.get(ids[0], ())}
-        for b, h in enumerate(hashes):
-            hit = self.by_block.get(h)
-            if not hit:
-                break
-            found.update((key, (b + 1) * BLOCK_SIZE) for key in hit)
-        return list(found.items())
+        """Every entry sharing a first token with `ids` (so every one sharing blocks), with the
+        length known to match: its full blocks whose chained hashes equal those of `ids`."""
+        entries = self.entries
+        return [(key, BLOCK_SIZE * num_equal_leading(entries[key].block_hashes, hashes))
+                for key in self.by_first_token.get(ids[0], ())]
 
     def insert(self, ids, kv: KVCache) -> None:
         """Store the KV of `ids`, replacing stored entries that are prefixes of it.
 
         When a stored entry already holds all of `ids`, the new KV is kept too only if it can grow
-        in place where the entry's cannot (it was copied out of the entry to compute `ids`).
+        in place where the entry's cannot (it was copied out of the entry to compute `ids`); an
+        entry with exactly these ids is then replaced, so no two entries hold the same ids.
         """
         ids = tuple(ids)
         if len(ids) == 0 or len(ids) > self.max_tokens:
             return
         hashes = tuple(block_hashes(ids))
+        prefixes = []
         for key, start in self._overlapping(ids, hashes):
             entry = self.entries[key]
             length = common_prefix_length(entry.ids, ids, start)
-            if length == len(ids) and self._is_verified(entry.ids, ids, start):
+            if length < min(len(ids), len(entry.ids)) or not self._is_verified(entry.ids, ids, start):
+                continue
+            if length == len(ids):
                 self.entries.move_to_end(key)  # an entry already holds all of it
                 if not is_growable_copy(kv, entry.kv):
                     return
-            if length == len(entry.ids) and self._is_verified(entry.ids, ids, start):
-                self._remove(key)
-        self._add(CacheEntry(ids, detach_kv(kv), hashes))
+            if length == len(entry.ids):
+                prefixes.append(key)
+        self._store(CacheEntry(ids, detach_kv(kv), hashes), prefixes)
         self._evict()
+
+    def _store(self, entry: CacheEntry, prefixes: list[int]) -> None:
+        """Add `entry` in place of the stored entries that are prefixes of it (the longest keeps its key)."""
+        prefixes.sort(key=lambda key: len(self.entries[key].ids))
+        for key in prefixes[:-1]:
+            self._remove(key)
+        if prefixes:
+            self._replace(prefixes[-1], entry)
+        else:
+            self._add(entry)
+
+    def _replace(self, key: int, entry: CacheEntry) -> None:
+        """Put `entry` under the key of its stored prefix: only its new blocks join the index."""
+        old = self.entries.pop(key)
+        del self.by_ids[old.ids]
+        for h in entry.block_hashes[len(old.block_hashes):]:
+            self.by_block[h].add(key)
+        self.entries[key] = entry
+        self.by_ids[entry.ids] = key
+        self.num_tokens += len(entry.ids) - len(old.ids)
 
     def _add(self, entry: CacheEntry) -> None:
         key = next(self._keys)
@@ -161,6 +199,7 @@ class PrefixCache:
         for h in entry.block_hashes:
             self.by_block[h].add(key)
         self.by_first_token[entry.ids[0]].add(key)
+        self.by_ids[entry.ids] = key
         self.num_tokens += len(entry.ids)
 
     def _remove(self, key: int) -> None:
@@ -168,6 +207,7 @@ class PrefixCache:
         for h in entry.block_hashes:
             self._discard(self.by_block, h, key)
         self._discard(self.by_first_token, entry.ids[0], key)
+        del self.by_ids[entry.ids]
         self.num_tokens -= len(entry.ids)
 
     @staticmethod

@@ -194,6 +194,60 @@ def test_token_bound_holds_under_many_inserts():
     assert cache.num_tokens > 50  # the cache is used, not emptied
 
 
+def assert_indexes_match_entries(cache: PrefixCache) -> None:
+    """Every index of `cache` is exactly what its entries imply (as if each had been added anew)."""
+    by_block, by_first = {}, {}
+    for key, entry in cache.entries.items():
+        assert entry.block_hashes == tuple(block_hashes(entry.ids))
+        for h in entry.block_hashes:
+            by_block.setdefault(h, set()).add(key)
+        by_first.setdefault(entry.ids[0], set()).add(key)
+    assert dict(cache.by_block) == by_block and dict(cache.by_first_token) == by_first
+    assert cache.by_ids == {entry.ids: key for key, entry in cache.entries.items()}
+    assert cache.num_tokens == sum(len(entry.ids) for entry in cache.entries.values())
+
+
+def test_growing_an_entry_token_by_token_keeps_the_indexes_exact():
+    """The legacy protocol's pattern: each request is the previous sequence plus one token."""
+    cache = PrefixCache(1000)
+    ids = seq(1, 5)
+    stored(cache, ids)
+    for token in range(100, 100 + 2 * BLOCK_SIZE + 3):  # crosses two block boundaries
+        assert cache.lookup(ids + [token], len(ids)).num_tokens == len(ids)
+        ids = ids + [token]
+        stored(cache, ids)
+        assert [e.ids for e in cache.entries.values()] == [tuple(ids)]
+        assert_indexes_match_entries(cache)
+    assert ids_in(cache.lookup(ids + [7], len(ids)).kv) == ids
+
+
+def test_a_stored_sequence_is_found_without_hashing_its_blocks(monkeypatch):
+    import lmql_backends.engine.prefix_cache as prefix_cache
+
+    cache = PrefixCache(1000)
+    stored(cache, seq(1, 40))
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("block hashes computed for a lookup of a stored sequence")
+
+    monkeypatch.setattr(prefix_cache, "block_hashes", no_hashing)
+    hit = cache.lookup(seq(1, 40) + [999], 40)
+    assert hit.num_tokens == 40 and ids_in(hit.kv) == seq(1, 40)
+
+
+def test_replacing_several_prefixes_keeps_the_indexes_exact():
+    cache = PrefixCache(1000)
+    base = seq(1, 40)
+    for ids in (base[:3], base[:20], base[:35] + [900], base[:33]):
+        stored(cache, ids)
+    stored(cache, base)
+    assert sorted(len(e.ids) for e in cache.entries.values()) == [36, 40]
+    assert_indexes_match_entries(cache)
+    cache.insert(base, make_growable_kv(base))  # same ids, a KV that can grow: replaces the entry
+    assert len(cache.entries) == 2
+    assert_indexes_match_entries(cache)
+
+
 def test_eviction_cleans_the_indexes():
     cache = PrefixCache(40)
     stored(cache, seq(1, 40))
@@ -201,6 +255,7 @@ def test_eviction_cleans_the_indexes():
     assert len(cache.entries) == 1
     assert set(cache.by_first_token) == {100}
     assert set(cache.by_block) == set(block_hashes(seq(100, 40)))
+    assert_indexes_match_entries(cache)
 
 
 # ---- the KV stores the cache shares with running sequences -----------------------------
