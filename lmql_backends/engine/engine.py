@@ -210,11 +210,7 @@ class Engine:
         self._cancel_all()
 
     def _set_num_threads(self) -> None:
-        """Intra-op threads for this thread only (torch keeps a count per thread).
-
-        When the count is chosen here, attention over long pasts still uses torch's default.
-        """
-        default = torch.get_num_threads()
+        """Intra-op threads for this thread only (torch keeps a count per thread)."""
         try:
             num_threads = self.config.num_threads or choose_num_threads(self.runner)
         except Exception:  # measuring is an optimisation: never let it keep the engine from running
@@ -222,8 +218,6 @@ class Engine:
             return
         torch.set_num_threads(num_threads)
         self.num_threads = num_threads
-        if self.config.num_threads is None:
-            self.runner.use_threads_for_long_attention(default)
         log.debug("engine thread uses %d torch thread(s)", num_threads)
 
     def _cancel_all(self) -> None:

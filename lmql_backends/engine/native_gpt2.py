@@ -14,7 +14,6 @@ GPT-2 loaded through a quantizing loader or split across devices, runs through t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -28,8 +27,6 @@ def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
 
 #: activations transformers computes op by op that torch has as one fused operation (same formula)
 FUSED_ACTIVATIONS = {"gelu_new": tanh_gelu, "gelu_pytorch_tanh": tanh_gelu}
-#: attention over at least this many key columns may use more threads than the rest of the step
-LONG_ATTENTION_COLUMNS = 512
 #: transformers' GPT-2 feature flags this forward does not implement
 UNSUPPORTED_FLAGS = ("add_cross_attention", "reorder_and_upcast_attn")
 
@@ -104,8 +101,6 @@ class NativeGpt2Forward:
         self.wte, self.wpe = model.transformer.wte.weight, model.transformer.wpe.weight
         self.ln_f, self.lm_head = norm_args(model.transformer.ln_f), model.lm_head.weight
         self.blocks = [BlockWeights.of(block, i, config) for i, block in enumerate(model.transformer.h)]
-        #: intra-op threads for long attention (see attend); 1: the thread's own count throughout
-        self.long_attention_threads = 1
 
     def __call__(self, ids, positions, padding, store, past_len: int, all_logits: bool) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns of each store row.
@@ -130,31 +125,10 @@ class NativeGpt2Forward:
         qkv = linear(x, block.qkv_weight, block.qkv_bias).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         keys, values = store.write(layer, past_len, key, value)
-        out = self.attend(query, keys, values, mask, mask is None and length > 1, block.scale)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=block.scale,
+        )
         return linear(out.transpose(1, 2).reshape(batch, length, self.width), block.out_weight, block.out_bias)
-
-
-    def attend(self, query, keys, values, mask, is_causal: bool, scale: float) -> torch.Tensor:
-        """Scaled dot-product attention; over long pasts, on `long_attention_threads` threads.
-
-        A one-thread engine (small models: per-operation overhead dominates) still reads a long
-        past's keys and values on every core, which is what attention over it is bound by.
-        """
-        is_long = self.long_attention_threads > 1 and keys.shape[2] >= LONG_ATTENTION_COLUMNS
-        with intra_op_threads(self.long_attention_threads) if is_long else contextlib.nullcontext():
-            return F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale)
-
-
-@contextlib.contextmanager
-def intra_op_threads(num_threads: int):
-    """Run the block with `num_threads` torch intra-op threads on this thread, then restore the count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

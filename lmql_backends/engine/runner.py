@@ -181,11 +181,6 @@ class ModelRunner:
         """Whether the runner uses its own forward pass rather than transformers'."""
         return isinstance(self.forward, NativeGpt2Forward)
 
-    def use_threads_for_long_attention(self, num_threads: int) -> None:
-        """Let attention over long pasts run on `num_threads` threads (native forward only)."""
-        if self.is_native:
-            self.forward.long_attention_threads = num_threads
-
     @torch.inference_mode()
     def prefill(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):
         """Run `new_ids` after a cached past; return logits ([n, V] or [1, V]) and the new KV."""
