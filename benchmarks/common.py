@@ -16,6 +16,7 @@ best of the other 2047. The computation per token is that of GPT-2 small all the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -250,6 +251,31 @@ def as_async(function: Callable[[int], float]) -> Measure:
         return function(rep)
 
     return measure
+
+
+def decode_step_seconds(runner, past, num_rows: int, num_steps: int = 30) -> float:
+    """Median seconds of a decode step of `num_rows` sequences that all start from `past`."""
+    kvs, lengths = [past.prefix(past.length)] * num_rows, [past.length] * num_rows
+    times = []
+    for step in range(num_steps + 1):  # the first step packs the batch store: not timed
+        start = time.perf_counter()
+        _, kvs = runner.decode([step % 100 + 1] * num_rows, kvs, lengths)
+        times.append(time.perf_counter() - start)
+        lengths = [n + 1 for n in lengths]
+    return median(times[1:])
+
+
+@contextlib.contextmanager
+def engine_thread_count(runner):
+    """Run the block on the torch thread count an engine thread would choose for `runner`."""
+    from lmql_backends.engine.runner import choose_num_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(choose_num_threads(runner))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @torch.inference_mode()

@@ -9,6 +9,10 @@ with N streams / with one stream. Target: 8 streams >= 3x one stream (continuous
 The same rounds also run through the engine in-process (no HTTP; rows marked ``in-process
 engine``, no target): the batching of the engine alone, apart from the server's per-token HTTP
 work, which shares the engine's Python interpreter (one GIL) in a `serve-model` process.
+Rows marked ``model decode step`` (no target) time the runner's batched decode step alone
+(N sequences with pasts as long as the streams' midpoint, on the engine's thread count):
+tokens/s of one step of N sequences / of one sequence. That is the most continuous batching
+can give on this model and machine, before any engine or server work.
 
     python benchmarks/concurrency.py [--quick] [--model tiny|gpt2-small|all]
 """
@@ -22,8 +26,9 @@ import time
 from lmql_backends.client.inprocess import InProcessClient
 
 from common import (
-    BenchContext, BenchModel, Figure, StreamTiming, at_least, engine_stream_timing, load_tokenizer_of,
-    make_http_session, make_prompt_ids, median, percentile, standalone_main, stream_completion,
+    BenchContext, BenchModel, Figure, StreamTiming, at_least, decode_step_seconds, engine_stream_timing,
+    engine_thread_count, load_tokenizer_of, make_http_session, make_prompt_ids, median, percentile, standalone_main,
+    stream_completion,
 )
 
 BENCHMARK = "concurrency"
@@ -86,7 +91,19 @@ async def measure_model(context: BenchContext, model: BenchModel, session) -> di
         for n in STREAM_COUNTS:
             for way, stream in streams.items():
                 rounds[way][n].append(await run_round([stream(p, num_tokens) for p in prompts(n, rep)]))
-    return {way: [summarize(n, by_count[n]) for n in STREAM_COUNTS] for way, by_count in rounds.items()}
+    summaries = {way: [summarize(n, by_count[n]) for n in STREAM_COUNTS] for way, by_count in rounds.items()}
+    summaries["model"] = measure_model_steps(engine, PROMPT_TOKENS + num_tokens // 2, context.settings.repetitions)
+    return summaries
+
+
+def measure_model_steps(engine, past_len: int, repetitions: int) -> list[StreamsSummary]:
+    """Tokens/s of the runner's decode step for each number of sequences (no engine, no server)."""
+    runner = engine.runner
+    with engine_thread_count(runner):
+        _, past = runner.prefill(list(range(1, past_len + 1)), None, 0, all_logits=False)
+        times = [[decode_step_seconds(runner, past, n) for n in STREAM_COUNTS] for _ in range(2 * repetitions)]
+    steps = [median(column) for column in zip(*times)]  # counts interleaved: noise hits all alike
+    return [StreamsSummary(n, n / seconds, seconds * 1e3, seconds * 1e3) for n, seconds in zip(STREAM_COUNTS, steps)]
 
 
 def summarize(num_streams: int, rounds: list[RoundResult]) -> StreamsSummary:
@@ -97,10 +114,15 @@ def summarize(num_streams: int, rounds: list[RoundResult]) -> StreamsSummary:
 
 
 def make_figures(model: BenchModel, summaries: list[StreamsSummary], way: str) -> list[Figure]:
-    """Ratios to one stream: the server's rows carry the target, the in-process engine's none."""
+    """Ratios to one stream: the server's rows carry the target, the others none."""
     one = summaries[0]
     figures = []
     for s in summaries[1:]:
+        if way == "model":
+            name = f"model decode step: tokens/s, {s.num_streams} sequences / 1"
+            detail = f"{s.tokens_per_second:.1f} vs {one.tokens_per_second:.1f} tokens/s; a step takes {s.p50_ms:.2f} ms (1: {one.p50_ms:.2f})"
+            figures.append(Figure(BENCHMARK, model.label, name, s.tokens_per_second / one.tokens_per_second, detail))
+            continue
         detail = (f"{s.tokens_per_second:.1f} vs {one.tokens_per_second:.1f} tokens/s; per-token p50 "
                   f"{s.p50_ms:.1f} ms, p95 {s.p95_ms:.1f} ms (1 stream: {one.p50_ms:.1f} / {one.p95_ms:.1f})")
         prefix = "" if way == "server" else "in-process engine: "

@@ -8,6 +8,10 @@ Three paths per model:
 - decoding through the new server: one streamed request; per-token time is the median gap
   between tokens (prefill excluded).
 
+A fourth row (no target) times the runner's one-sequence decode step alone after each past:
+the model's own cost of a longer past (attention reads every stored key and value), which
+no serving layer can remove.
+
 The longest prompt fills the context: 1024 minus the tokens generated. Figure: per-token time
 at that length / at 16 tokens. Target <= 1.5 (the prefix cache makes a legacy token cost one
 forward of one token, whatever the length).
@@ -21,8 +25,9 @@ import time
 
 import torch
 from common import (
-    BenchContext, BenchModel, Figure, alternate_medians, at_most, make_http_session, make_prompt_ids, median,
-    measure_each_model, standalone_main, stream_completion,
+    BenchContext, BenchModel, Figure, alternate_medians, as_async, at_most, decode_step_seconds,
+    engine_thread_count, make_http_session, make_prompt_ids, median, measure_each_model, standalone_main,
+    stream_completion,
 )
 
 from lmql_backends.client.inprocess import InProcessClient
@@ -31,6 +36,7 @@ from lmql_backends.client.legacy_client import LegacyClient
 BENCHMARK = "prompt scaling"
 SHORT, MIDDLE = 16, 256
 TARGET = at_most(1.5)
+MODEL_STEP = "model decode step (runner alone)"
 
 
 class Scaling:
@@ -70,6 +76,13 @@ class Scaling:
         )
         return median(timing.gaps())
 
+    def model_step(self, length: int, rep: int) -> float:
+        """Median seconds of the runner's one-sequence decode step after a `length`-token past."""
+        runner = self.inprocess.engine.runner
+        with engine_thread_count(runner):
+            _, past = runner.prefill(self.prompt(length, rep), None, 0, all_logits=False)
+            return decode_step_seconds(runner, past, 1, num_steps=self.num_tokens)
+
     def measures(self) -> dict:
         measures = {}
         for length in self.lengths:
@@ -78,6 +91,7 @@ class Scaling:
             measures[("legacy server", length)] = (
                 lambda rep, n=length: self.legacy_pattern(self.legacy.next_token_logits, n, rep))
             measures[("new server (decode)", length)] = lambda rep, n=length: self.new_server_decode(n, rep)
+            measures[(MODEL_STEP, length)] = as_async(lambda rep, n=length: self.model_step(n, rep))
         return measures
 
     async def measure(self) -> dict:
@@ -94,7 +108,8 @@ class Scaling:
             detail = (f"{short * 1e3:.2f} / {middle * 1e3:.2f} / {long * 1e3:.2f} ms per token "
                       f"at {SHORT} / {MIDDLE} / {self.long} prompt tokens")
             name = f"{path}: per-token time, {self.long} / {SHORT} prompt tokens"
-            figures.append(Figure(BENCHMARK, self.model.label, name, long / short, detail, TARGET))
+            target = None if path == MODEL_STEP else TARGET
+            figures.append(Figure(BENCHMARK, self.model.label, name, long / short, detail, target))
         return figures
 
 

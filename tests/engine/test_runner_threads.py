@@ -43,4 +43,3 @@ def test_a_given_thread_count_is_used_and_shown_in_the_stats(tiny_model):
 def test_a_bad_thread_count_is_refused_naming_the_value(bad):
     with pytest.raises(InvalidRequestError, match=f"num_threads must be an integer >= 1 or None, got {bad!r}"):
         EngineConfig(num_threads=bad)
-
