@@ -266,12 +266,10 @@ def decode_step_seconds(runner, past, num_rows: int, num_steps: int = 30) -> flo
 
 
 @contextlib.contextmanager
-def engine_thread_count(runner):
-    """Run the block on the torch thread count an engine thread would choose for `runner`."""
-    from lmql_backends.engine.runner import choose_num_threads
-
+def engine_thread_count(engine):
+    """Run the block on the torch thread count of `engine`'s thread (chosen once when it started)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(choose_num_threads(runner))
+    torch.set_num_threads(engine.num_threads or previous)
     try:
         yield
     finally:

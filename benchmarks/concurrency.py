@@ -99,7 +99,7 @@ async def measure_model(context: BenchContext, model: BenchModel, session) -> di
 def measure_model_steps(engine, past_len: int, repetitions: int) -> list[StreamsSummary]:
     """Tokens/s of the runner's decode step for each number of sequences (no engine, no server)."""
     runner = engine.runner
-    with engine_thread_count(runner):
+    with engine_thread_count(engine):
         _, past = runner.prefill(list(range(1, past_len + 1)), None, 0, all_logits=False)
         times = [[decode_step_seconds(runner, past, n) for n in STREAM_COUNTS] for _ in range(2 * repetitions)]
     steps = [median(column) for column in zip(*times)]  # counts interleaved: noise hits all alike

@@ -78,8 +78,9 @@ class Scaling:
 
     def model_step(self, length: int, rep: int) -> float:
         """Median seconds of the runner's one-sequence decode step after a `length`-token past."""
-        runner = self.inprocess.engine.runner
-        with engine_thread_count(runner):
+        engine = self.inprocess.engine
+        runner = engine.runner
+        with engine_thread_count(engine):  # started by the warm-up: its count is chosen
             _, past = runner.prefill(self.prompt(length, rep), None, 0, all_logits=False)
             return decode_step_seconds(runner, past, 1, num_steps=self.num_tokens)
 
