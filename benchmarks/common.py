@@ -268,6 +268,7 @@ def decode_step_seconds(runner, past, num_rows: int, num_steps: int = 30) -> flo
 @contextlib.contextmanager
 def engine_thread_count(engine):
     """Run the block on the torch thread count of `engine`'s thread (chosen once when it started)."""
+    engine.start().wait_ready(timeout=600)
     previous = torch.get_num_threads()
     torch.set_num_threads(engine.num_threads or previous)
     try:

@@ -20,7 +20,7 @@ import sys
 import warnings
 
 from .errors import InvalidRequestError, LmqlBackendsError
-from .loader import DTYPES, LOADERS, MODEL_IMPLS, parse_flag_value
+from .loader import DTYPES, LOADERS, MATMUL_CHOICES, MODEL_IMPLS, parse_flag_value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,9 @@ def add_serve_parser(commands) -> None:
                        help="torch threads of the engine (default: measured at start, 1 or torch's default)")
     serve.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto",
                        help="forward pass: auto (our own for GPT-2 models, else transformers), native or transformers")
+    serve.add_argument("--matmul", choices=MATMUL_CHOICES, default="auto",
+                       help="matrix-product kernels of the native forward: auto (the faster of torch's BLAS and "
+                            "oneDNN per layer and batch size, timed at start), blas or onednn")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                        help="largest request body accepted; larger ones get 413 (default 8 MiB)")
     serve.add_argument("--drain-seconds", type=float, default=5.0,
@@ -131,7 +134,7 @@ def serve_model(args, extra: list[str]) -> None:
 
     engine = EngineConfig(
         cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
-        num_threads=args.threads, model_impl=args.model_impl,
+        num_threads=args.threads, model_impl=args.model_impl, matmul=args.matmul,
     )
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,

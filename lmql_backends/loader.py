@@ -27,6 +27,9 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "8bit", "4bit")
 LOADERS = ("transformers", "awq", "gptq")
 #: which forward pass the engine runs a loaded model with (--model-impl; see engine/runner.py make_forward)
 MODEL_IMPLS = ("auto", "native", "transformers")
+#: the native forward's matrix-product kernels (--matmul): "auto" (the faster per layer shape and
+#: row count, timed at start), "blas" or "onednn" (see engine/linear_kernels.py)
+MATMUL_CHOICES = ("auto", "blas", "onednn")
 # loader -> (importable module, pip extra)
 LOADER_PACKAGES = {"awq": ("awq", "awq"), "gptq": ("gptqmodel", "gptq")}
 DEFAULT_CONTEXT_LENGTH = 2048

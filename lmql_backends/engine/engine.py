@@ -20,6 +20,7 @@ import torch
 from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
 from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
+from .linear_kernels import check_matmul
 from .runner import ModelRunner, check_model_impl, choose_num_threads
 from .sampling import Choice, apply_processors, choose_greedy_rows, select_token, top_logprobs
 from .scheduler import Scheduler, SchedulerConfig
@@ -43,9 +44,12 @@ class EngineConfig:
     num_threads: int | None = None
     #: "auto" (the native GPT-2 forward where it applies), "native" or "transformers" (see runner.make_forward)
     model_impl: str = "auto"
+    #: the native forward's matrix-product kernels: "auto" (timed at start), "blas" or "onednn" (see linear_kernels)
+    matmul: str = "auto"
 
     def __post_init__(self):
         check_model_impl(self.model_impl)
+        check_matmul(self.matmul)
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise InvalidRequestError(f"num_threads must be an integer >= 1 or None, got {self.num_threads!r}", "num_threads")
 
@@ -67,6 +71,8 @@ class EngineStats:
     num_failed_requests: int
     num_threads: int
     is_native_forward: bool
+    #: linear layers that run on oneDNN for some batch size (see linear_kernels; 0 with matmul "blas")
+    num_onednn_linears: int
 
 
 class Engine:
@@ -76,6 +82,8 @@ class Engine:
         self.loaded = loaded
         self.config = config
         self.runner = ModelRunner(loaded.model, config.model_impl)
+        if config.matmul != "auto":  # nothing to time: set now, so that a bad choice fails here
+            self.runner.choose_linear_kernels(config.matmul, config.max_num_seqs)
         self.cache = PrefixCache(config.cache_tokens)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_queue, config.max_prefill_tokens))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -87,6 +95,7 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._last_batch_size = 0
         self.num_threads: int | None = None  # set by the engine thread when it starts
+        self._is_ready = threading.Event()  # set once the engine thread has tuned itself to the machine
         self._mailboxes = Mailboxes()  # how outputs reach consumers' event loops (see emitter)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -95,6 +104,10 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="lmql-backends-engine", daemon=True)
             self._thread.start()
         return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the started engine thread has chosen its thread count and kernels."""
+        return self._is_ready.wait(timeout)
 
     def stop(self) -> None:
         """Cancel everything in flight and stop the engine thread."""
@@ -198,6 +211,8 @@ class Engine:
     # ---- the engine thread -----------------------------------------------------------
     def _loop(self) -> None:
         self._set_num_threads()
+        self._choose_linear_kernels()
+        self._is_ready.set()
         while not self._stopped.is_set():
             self._drain_inbox(block=not self.scheduler.has_work)
             if self._stopped.is_set():
@@ -219,6 +234,18 @@ class Engine:
         torch.set_num_threads(num_threads)
         self.num_threads = num_threads
         log.debug("engine thread uses %d torch thread(s)", num_threads)
+
+    def _choose_linear_kernels(self) -> None:
+        """Time the matrix-product kernels on this thread's thread count (matmul "auto" only)."""
+        if self.config.matmul != "auto":
+            return
+        try:
+            choices = self.runner.choose_linear_kernels("auto", self.config.max_num_seqs)
+        except Exception:  # timing is an optimisation: never let it keep the engine from running
+            log.exception("could not time the matrix-product kernels; keeping torch's BLAS")
+            return
+        for (shape, *_), choice in choices.items():
+            log.debug("linear %s kernels by rows: %s", "x".join(map(str, shape)), choice.describe())
 
     def _cancel_all(self) -> None:
         """Fail every queued and running request with RequestCancelledError (at shutdown)."""
@@ -393,6 +420,7 @@ class Engine:
             num_failed_requests=self._counters["failed"],
             num_threads=self.num_threads or 0,
             is_native_forward=self.runner.is_native,
+            num_onednn_linears=self.runner.num_onednn_linears,
         )
 
 

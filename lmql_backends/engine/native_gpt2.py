@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .linear_kernels import Linear
+
 def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, as one fused torch operation."""
     return F.gelu(x, approximate="tanh")
@@ -57,15 +59,11 @@ class BlockWeights:
     """The tensors and settings of one transformer block."""
 
     ln_1: tuple  # layer norm (shape, weight, bias, eps)
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor
-    out_weight: torch.Tensor
-    out_bias: torch.Tensor
+    qkv: Linear
+    out: Linear
     ln_2: tuple
-    fc_weight: torch.Tensor
-    fc_bias: torch.Tensor
-    proj_weight: torch.Tensor
-    proj_bias: torch.Tensor
+    fc: Linear
+    proj: Linear
     act: object  # tensor -> tensor
     scale: float
 
@@ -73,11 +71,16 @@ class BlockWeights:
     def of(cls, block, index: int, config) -> "BlockWeights":
         attn, mlp = block.attn, block.mlp
         return cls(
-            norm_args(block.ln_1), attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
-            norm_args(block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+            norm_args(block.ln_1), conv1d_linear(attn.c_attn), conv1d_linear(attn.c_proj),
+            norm_args(block.ln_2), conv1d_linear(mlp.c_fc), conv1d_linear(mlp.c_proj),
             FUSED_ACTIVATIONS.get(config.activation_function, mlp.act),
             attention_scale(config, attn.head_dim, index),
         )
+
+
+def conv1d_linear(conv1d) -> Linear:
+    """GPT-2's Conv1D (x @ weight + bias, weight stored [in, out]) as a `Linear` on its own tensors."""
+    return Linear(conv1d.weight, conv1d.bias)
 
 
 def norm_args(norm: torch.nn.LayerNorm) -> tuple:
@@ -99,8 +102,14 @@ class NativeGpt2Forward:
         self.num_heads, self.width = config.n_head, config.n_embd
         self.head_dim = self.width // self.num_heads
         self.wte, self.wpe = model.transformer.wte.weight, model.transformer.wpe.weight
-        self.ln_f, self.lm_head = norm_args(model.transformer.ln_f), model.lm_head.weight
+        self.ln_f = norm_args(model.transformer.ln_f)
+        self.lm_head = Linear(model.lm_head.weight.t())  # [vocab, width] seen as [in, out]
         self.blocks = [BlockWeights.of(block, i, config) for i, block in enumerate(model.transformer.h)]
+
+    @property
+    def linears(self) -> list[Linear]:
+        """Every linear layer, in order (their kernels are chosen by linear_kernels.choose_kernels)."""
+        return [*(linear for b in self.blocks for linear in (b.qkv, b.out, b.fc, b.proj)), self.lm_head]
 
     def __call__(self, ids, positions, padding, store, past_len: int, all_logits: bool) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns of each store row.
@@ -113,27 +122,21 @@ class NativeGpt2Forward:
             x = self._block(x, block, layer, store, past_len, mask)
         if not all_logits:
             x = x[:, -1:]
-        return F.linear(F.layer_norm(x, *self.ln_f), self.lm_head)
+        return self.lm_head(F.layer_norm(x, *self.ln_f))
 
     def _block(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
         x = x + self._attention(F.layer_norm(x, *block.ln_1), block, layer, store, past_len, mask)
-        hidden = block.act(linear(F.layer_norm(x, *block.ln_2), block.fc_weight, block.fc_bias))
-        return x + linear(hidden, block.proj_weight, block.proj_bias)
+        return x + block.proj(block.act(block.fc(F.layer_norm(x, *block.ln_2))))
 
     def _attention(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
         batch, length, _ = x.shape
-        qkv = linear(x, block.qkv_weight, block.qkv_bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        qkv = block.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         keys, values = store.write(layer, past_len, key, value)
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=block.scale,
         )
-        return linear(out.transpose(1, 2).reshape(batch, length, self.width), block.out_weight, block.out_bias)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GPT-2's Conv1D: x @ weight + bias, with weight stored [in, out]."""
-    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[1])
+        return block.out(out.transpose(1, 2).reshape(batch, length, self.width))
 
 
 def attention_mask(padding, length: int, past_len: int, dtype, device) -> torch.Tensor | None:

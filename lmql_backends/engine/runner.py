@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import InvalidRequestError
 from ..loader import MODEL_IMPLS
+from .linear_kernels import KernelChoice, choose_kernels, uses_onednn
 from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
 
@@ -180,6 +181,23 @@ class ModelRunner:
     def is_native(self) -> bool:
         """Whether the runner uses its own forward pass rather than transformers'."""
         return isinstance(self.forward, NativeGpt2Forward)
+
+    def choose_linear_kernels(self, matmul: str, max_rows: int) -> dict[tuple, KernelChoice]:
+        """Set the native forward's matrix-product kernels (see linear_kernels.choose_kernels)."""
+        if self.is_native:
+            return choose_kernels(self.forward.linears, matmul, max_rows)
+        if matmul == "onednn":
+            raise InvalidRequestError(
+                "matmul 'onednn' applies to the native GPT-2 forward only; this model runs through "
+                "transformers' forward: use 'auto' or 'blas'", "matmul")
+        return {}
+
+    @property
+    def num_onednn_linears(self) -> int:
+        """How many linear layers run on oneDNN for some row count."""
+        if not self.is_native:
+            return 0
+        return sum(uses_onednn(linear) for linear in self.forward.linears)
 
     @torch.inference_mode()
     def prefill(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):

@@ -22,8 +22,9 @@ def random_gpt2(dtype=torch.float32, **flags) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval().to(dtype)
 
 
-def both_runners(model) -> tuple[ModelRunner, ModelRunner]:
+def both_runners(model, matmul: str = "blas") -> tuple[ModelRunner, ModelRunner]:
     native, reference = ModelRunner(model, "native"), ModelRunner(model, "transformers")
+    native.choose_linear_kernels(matmul, max_rows=8)
     assert native.is_native and not reference.is_native
     return native, reference
 
@@ -46,18 +47,24 @@ def model(request, tiny_model):
     return MODELS[request.param](tiny_model)
 
 
+@pytest.fixture(params=["blas", "onednn"])
+def matmul(request):
+    """The native forward's matrix-product kernels, each forced for every row count."""
+    return request.param
+
+
 def small_prompt(model) -> list[int]:
     return [i % model.config.vocab_size for i in PROMPT]
 
 
-def test_prefill_with_every_logit_matches_transformers(model):
-    native, reference = both_runners(model)
+def test_prefill_with_every_logit_matches_transformers(model, matmul):
+    native, reference = both_runners(model, matmul)
     ids = small_prompt(model)
     assert_same_logits(native.prefill(ids, None, 0, True)[0], reference.prefill(ids, None, 0, True)[0], 1e-5)
 
 
-def test_prefill_after_a_cached_past_matches_transformers(model):
-    native, reference = both_runners(model)
+def test_prefill_after_a_cached_past_matches_transformers(model, matmul):
+    native, reference = both_runners(model, matmul)
     ids = small_prompt(model)
     kv_native, kv_reference = native.prefill(ids, None, 0, False)[1], reference.prefill(ids, None, 0, False)[1]
     more = ids[:4]
@@ -66,8 +73,8 @@ def test_prefill_after_a_cached_past_matches_transformers(model):
     assert got.shape[0] == len(more)
 
 
-def test_batched_decode_of_pasts_of_different_lengths_matches_transformers(model):
-    native, reference = both_runners(model)
+def test_batched_decode_of_pasts_of_different_lengths_matches_transformers(model, matmul):
+    native, reference = both_runners(model, matmul)
     ids, lengths = small_prompt(model), [3, 12, 7, 1]
     logits = []
     for runner in (native, reference):

@@ -1,0 +1,159 @@
+"""The matrix-product kernel of each linear layer of the native forward, chosen per batch size.
+
+torch multiplies float32 matrices on CPU with its BLAS (MKL on x86). For the few rows of a
+decode step that is not always the fastest kernel: on an AMD EPYC development machine MKL took
+1.5-2x longer than oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel
+torch.compile's CPU backend emits for linear layers) on GPT-2 small's projections at 2-8 rows,
+while on the embedded model's small layers oneDNN's fixed cost per call makes it 2-5x slower.
+So a `Linear` holds one kernel per bucket of row counts (1, 2, 3-4, 5-8, ...), and
+`choose_kernels` times both kernels on the layer's own weights on the engine thread at start
+("auto"), as serving engines tune their kernels to the machine. Row counts above the largest
+bucket (prefills) use BLAS. Both kernels compute the same product from the same weights (no
+copy); results differ by float rounding only, as BLAS's own results do between batch sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..loader import MATMUL_CHOICES
+
+log = logging.getLogger("lmql_backends.engine")
+
+#: oneDNN replaces BLAS for a bucket only when it is at least this much faster (timings are noisy)
+MIN_SPEEDUP = 1.1
+NUM_TRIALS = 3
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def blas_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows @ weight (+ bias) with torch's BLAS; `weight` is [in, out] (any strides)."""
+    if bias is None:
+        return torch.mm(rows, weight)
+    return torch.addmm(bias, rows, weight)
+
+
+def onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The same product with oneDNN's linear, which takes the weight as [out, in] (a view here)."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight.t(), bias, "none", [], "")
+
+
+def check_matmul(matmul: str) -> None:
+    """InvalidRequestError naming `matmul` unless it is one of MATMUL_CHOICES."""
+    if matmul not in MATMUL_CHOICES:
+        raise InvalidRequestError(f"matmul must be one of {', '.join(MATMUL_CHOICES)}, got {matmul!r}", "matmul")
+
+
+def onednn_unavailable_reason(weight: torch.Tensor) -> str | None:
+    """Why oneDNN's linear cannot multiply by `weight` here (None: it can)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "this torch build has no oneDNN linear"
+    if weight.device.type != "cpu":
+        return f"the weights are on {weight.device.type}, oneDNN's linear runs on CPU"
+    if weight.dtype != torch.float32:
+        return f"the weights are {weight.dtype}, the oneDNN kernel is used for float32 only"
+    return None
+
+
+def bucket_of(num_rows: int) -> int:
+    """The bucket of a row count: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ..."""
+    return (num_rows - 1).bit_length()
+
+
+def num_buckets(max_rows: int) -> int:
+    """How many buckets cover row counts 1..max_rows."""
+    return bucket_of(max_rows) + 1
+
+
+class Linear:
+    """y = x @ weight + bias over the last dimension of x, with a kernel per row-count bucket."""
+
+    __slots__ = ("weight", "bias", "kernels", "fallback")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias  # weight [in, out]
+        self.kernels: tuple[Kernel, ...] = ()  # by bucket_of(rows); rows beyond them use `fallback`
+        self.fallback: Kernel = blas_linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        bucket = bucket_of(rows.shape[0])
+        kernel = self.kernels[bucket] if bucket < len(self.kernels) else self.fallback
+        return kernel(rows, self.weight, self.bias).view(*x.shape[:-1], self.weight.shape[1])
+
+    @property
+    def shape_key(self) -> tuple:
+        """Layers with equal keys get the same kernels (timed once)."""
+        return tuple(self.weight.shape), self.weight.stride(), self.bias is None, self.weight.dtype
+
+
+def uses_onednn(linear: Linear) -> bool:
+    """Whether `linear` runs on oneDNN for some row count."""
+    return onednn_linear in (*linear.kernels, linear.fallback)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """The kernels of one layer shape: one per bucket, and the one for larger row counts."""
+
+    kernels: tuple[Kernel, ...]
+    fallback: Kernel
+
+    def describe(self) -> str:
+        names = ["onednn" if k is onednn_linear else "blas" for k in self.kernels]
+        return ", ".join(f"<={2 ** i}: {name}" for i, name in enumerate(names))
+
+
+def choose_kernels(linears: list[Linear], matmul: str, max_rows: int, time_kernel=None) -> dict[tuple, KernelChoice]:
+    """Set the kernels of every linear for `matmul` (see MATMUL_CHOICES); return the choice per shape.
+
+    `time_kernel(kernel, linear, num_rows) -> seconds` defaults to the fastest of NUM_TRIALS runs.
+    """
+    check_matmul(matmul)
+    choices: dict[tuple, KernelChoice] = {}
+    for linear in linears:
+        key = linear.shape_key
+        if key not in choices:
+            choices[key] = choose_for_shape(linear, matmul, max_rows, time_kernel or time_fastest)
+        linear.kernels, linear.fallback = choices[key].kernels, choices[key].fallback
+    return choices
+
+
+def choose_for_shape(linear: Linear, matmul: str, max_rows: int, time_kernel) -> KernelChoice:
+    """The kernels of layers shaped like `linear`."""
+    reason = onednn_unavailable_reason(linear.weight)
+    if matmul == "onednn" and reason is not None:
+        raise InvalidRequestError(f"matmul 'onednn' cannot run this model: {reason}; use 'auto' or 'blas'", "matmul")
+    if matmul == "onednn":
+        return KernelChoice((), onednn_linear)
+    if matmul == "blas" or reason is not None:
+        return KernelChoice((), blas_linear)
+    return KernelChoice(tuple(faster_kernel(linear, 2 ** b, time_kernel) for b in range(num_buckets(max_rows))),
+                        blas_linear)
+
+
+def faster_kernel(linear: Linear, num_rows: int, time_kernel) -> Kernel:
+    """oneDNN if it beats BLAS by MIN_SPEEDUP on `num_rows` rows, else BLAS."""
+    blas = time_kernel(blas_linear, linear, num_rows)
+    onednn = time_kernel(onednn_linear, linear, num_rows)
+    return onednn_linear if onednn * MIN_SPEEDUP <= blas else blas_linear
+
+
+@torch.inference_mode()
+def time_fastest(kernel: Kernel, linear: Linear, num_rows: int) -> float:
+    """The fastest of NUM_TRIALS products of `num_rows` random rows (after one untimed warm-up)."""
+    rows = torch.randn(num_rows, linear.weight.shape[0], dtype=linear.weight.dtype, device=linear.weight.device)
+    kernel(rows, linear.weight, linear.bias)
+    times = []
+    for _ in range(NUM_TRIALS):
+        start = time.perf_counter()
+        kernel(rows, linear.weight, linear.bias)
+        times.append(time.perf_counter() - start)
+    return min(times)
