@@ -28,7 +28,7 @@ log = logging.getLogger("lmql_backends.engine")
 
 #: oneDNN replaces BLAS for a bucket only when it is at least this much faster (timings are noisy)
 MIN_SPEEDUP = 1.1
-NUM_TRIALS = 3
+NUM_TRIALS = 5
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -114,14 +114,14 @@ class KernelChoice:
 def choose_kernels(linears: list[Linear], matmul: str, max_rows: int, time_kernel=None) -> dict[tuple, KernelChoice]:
     """Set the kernels of every linear for `matmul` (see MATMUL_CHOICES); return the choice per shape.
 
-    `time_kernel(kernel, linear, num_rows) -> seconds` defaults to the fastest of NUM_TRIALS runs.
+    `time_kernel(kernel, linear, num_rows) -> seconds` times one run (default `time_once`).
     """
     check_matmul(matmul)
     choices: dict[tuple, KernelChoice] = {}
     for linear in linears:
         key = linear.shape_key
         if key not in choices:
-            choices[key] = choose_for_shape(linear, matmul, max_rows, time_kernel or time_fastest)
+            choices[key] = choose_for_shape(linear, matmul, max_rows, time_kernel or time_once)
         linear.kernels, linear.fallback = choices[key].kernels, choices[key].fallback
     return choices
 
@@ -140,20 +140,21 @@ def choose_for_shape(linear: Linear, matmul: str, max_rows: int, time_kernel) ->
 
 
 def faster_kernel(linear: Linear, num_rows: int, time_kernel) -> Kernel:
-    """oneDNN if it beats BLAS by MIN_SPEEDUP on `num_rows` rows, else BLAS."""
-    blas = time_kernel(blas_linear, linear, num_rows)
-    onednn = time_kernel(onednn_linear, linear, num_rows)
-    return onednn_linear if onednn * MIN_SPEEDUP <= blas else blas_linear
+    """oneDNN if its fastest of NUM_TRIALS runs beats BLAS's by MIN_SPEEDUP, else BLAS.
+
+    The two alternate, so that a burst of other work on the machine slows both alike.
+    """
+    blas, onednn = [], []
+    for _ in range(NUM_TRIALS):
+        blas.append(time_kernel(blas_linear, linear, num_rows))
+        onednn.append(time_kernel(onednn_linear, linear, num_rows))
+    return onednn_linear if min(onednn) * MIN_SPEEDUP <= min(blas) else blas_linear
 
 
 @torch.inference_mode()
-def time_fastest(kernel: Kernel, linear: Linear, num_rows: int) -> float:
-    """The fastest of NUM_TRIALS products of `num_rows` random rows (after one untimed warm-up)."""
+def time_once(kernel: Kernel, linear: Linear, num_rows: int) -> float:
+    """Seconds of one product of `num_rows` random rows (the first, cold run is slower: take minima)."""
     rows = torch.randn(num_rows, linear.weight.shape[0], dtype=linear.weight.dtype, device=linear.weight.device)
+    start = time.perf_counter()
     kernel(rows, linear.weight, linear.bias)
-    times = []
-    for _ in range(NUM_TRIALS):
-        start = time.perf_counter()
-        kernel(rows, linear.weight, linear.bias)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return time.perf_counter() - start

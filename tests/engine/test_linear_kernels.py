@@ -7,7 +7,7 @@ import torch
 
 from lmql_backends.engine import Engine, EngineConfig
 from lmql_backends.engine.linear_kernels import (
-    MIN_SPEEDUP, Linear, blas_linear, bucket_of, choose_kernels, num_buckets, onednn_linear,
+    MIN_SPEEDUP, NUM_TRIALS, Linear, blas_linear, bucket_of, choose_kernels, num_buckets, onednn_linear,
     onednn_unavailable_reason,
 )
 from lmql_backends.errors import InvalidRequestError
@@ -80,8 +80,23 @@ def test_layers_of_one_shape_are_timed_once_and_share_the_choice():
     same, also_same, other = make_linear(seed=1), make_linear(seed=2), make_linear(num_in=5, num_out=6)
     choices = choose_kernels([same, also_same, other], "auto", max_rows=4, time_kernel=timer)
     assert len(choices) == 2
-    assert sorted(rows for name, shape, rows in timer.calls if shape == (6, 5)) == [1, 1, 2, 2, 4, 4]
+    timed_rows = sorted(rows for name, shape, rows in timer.calls if shape == (6, 5))
+    assert timed_rows == sorted([1, 2, 4] * 2 * NUM_TRIALS)  # each kernel NUM_TRIALS times per bucket
     assert kernel_names(same) == kernel_names(also_same) == ["onednn_linear"] * 3
+
+
+def test_the_kernels_alternate_and_the_fastest_run_of_each_counts():
+    runs = iter([5.0, 0.2] + [0.9, 9.0] * (NUM_TRIALS - 1))  # blas, onednn, blas, onednn, ...
+    order = []
+
+    def timer(kernel, linear, num_rows):
+        order.append(kernel.__name__)
+        return next(runs)
+
+    linear = make_linear()
+    choose_kernels([linear], "auto", max_rows=1, time_kernel=timer)
+    assert order == ["blas_linear", "onednn_linear"] * NUM_TRIALS
+    assert kernel_names(linear) == ["onednn_linear"]  # 0.2 * MIN_SPEEDUP <= 0.9
 
 
 def test_each_row_count_runs_the_kernel_of_its_bucket():
