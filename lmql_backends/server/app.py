@@ -32,6 +32,8 @@ METRICS_SOURCES = web.AppKey("metrics_sources", list)
 #: paths answered without an API key (load balancers probe them), as vLLM does
 OPEN_PATHS = frozenset({"/health"})
 DRAIN_POLL_SECONDS = 0.05
+#: how long startup waits for the engine thread to choose its threads and kernels (seconds)
+ENGINE_READY_SECONDS = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,10 +213,13 @@ async def stop_engine(app: web.Application) -> None:
 
 
 def make_state(model: str, config: ServerConfig, options: LoadOptions) -> ServerState:
-    """Load the model (once per process) and start its engine."""
+    """Load the model (once per process) and start its engine, ready before the port opens."""
     loaded = load_model(model, options)
     print(describe(loaded), flush=True)
-    return ServerState(model, loaded, Engine(loaded, config.engine).start(), config)
+    engine = Engine(loaded, config.engine).start()
+    if not engine.wait_ready(ENGINE_READY_SECONDS):  # requests would only wait in its queue meanwhile
+        log.warning("the engine is still tuning itself after %s s; serving anyway", ENGINE_READY_SECONDS)
+    return ServerState(model, loaded, engine, config)
 
 
 class ServerHandle:

@@ -497,3 +497,16 @@ async def test_client_leaving_a_json_request_cancels_it(url, new_server):
         await asyncio.sleep(0.1)
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert engine.stats().num_generated_tokens - before < max_tokens
+
+
+def test_the_port_opens_once_the_engine_has_tuned_itself(tiny_model):
+    from lmql_backends.server.app import serve
+
+    handle = serve(tiny_model, port=0, background=True)
+    try:
+        engine = handle.state.engine
+        assert engine.wait_ready(timeout=0)  # threads and kernels chosen before serving
+        assert engine.num_threads is not None
+        assert all(linear.kernels for linear in engine.runner.forward.linears)  # matmul "auto" timed them
+    finally:
+        handle.stop()
