@@ -35,6 +35,12 @@ LOADER_PACKAGES = {"awq": ("awq", "awq"), "gptq": ("gptqmodel", "gptq")}
 DEFAULT_CONTEXT_LENGTH = 2048
 
 
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """InvalidRequestError naming `value` unless it is one of `choices` (an engine setting called `name`)."""
+    if value not in choices:
+        raise InvalidRequestError(f"{name} must be one of {', '.join(choices)}, got {value!r}", name)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """How to load a model: every keyword the CLI, ``serve`` and ``model`` accept."""

@@ -20,8 +20,8 @@ import torch
 from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
 from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
-from .linear_kernels import check_matmul
-from .runner import ModelRunner, check_model_impl, choose_num_threads
+from ..loader import MATMUL_CHOICES, MODEL_IMPLS, check_choice
+from .runner import ModelRunner, choose_num_threads
 from .sampling import Choice, apply_processors, choose_greedy_rows, select_token, top_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
@@ -48,8 +48,8 @@ class EngineConfig:
     matmul: str = "auto"
 
     def __post_init__(self):
-        check_model_impl(self.model_impl)
-        check_matmul(self.matmul)
+        check_choice("model_impl", self.model_impl, MODEL_IMPLS)
+        check_choice("matmul", self.matmul, MATMUL_CHOICES)
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise InvalidRequestError(f"num_threads must be an integer >= 1 or None, got {self.num_threads!r}", "num_threads")
 

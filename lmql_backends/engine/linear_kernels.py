@@ -15,16 +15,13 @@ copy); results differ by float rounding only, as BLAS's own results do between b
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from typing import Callable
 
 import torch
 
 from ..errors import InvalidRequestError
-from ..loader import MATMUL_CHOICES
-
-log = logging.getLogger("lmql_backends.engine")
+from ..loader import MATMUL_CHOICES, check_choice
 
 #: oneDNN replaces BLAS for a bucket only when it is at least this much faster (timings are noisy)
 MIN_SPEEDUP = 1.1
@@ -43,12 +40,6 @@ def blas_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The same product with oneDNN's linear, which takes the weight as [out, in] (a view here)."""
     return torch.ops.mkldnn._linear_pointwise(rows, weight.t(), bias, "none", [], "")
-
-
-def check_matmul(matmul: str) -> None:
-    """InvalidRequestError naming `matmul` unless it is one of MATMUL_CHOICES."""
-    if matmul not in MATMUL_CHOICES:
-        raise InvalidRequestError(f"matmul must be one of {', '.join(MATMUL_CHOICES)}, got {matmul!r}", "matmul")
 
 
 def onednn_unavailable_reason(weight: torch.Tensor) -> str | None:
@@ -116,7 +107,7 @@ def choose_kernels(linears: list[Linear], matmul: str, max_rows: int, time_kerne
 
     `time_kernel(kernel, linear, num_rows) -> seconds` times one run (default `time_once`).
     """
-    check_matmul(matmul)
+    check_choice("matmul", matmul, MATMUL_CHOICES)
     choices: dict[tuple, KernelChoice] = {}
     for linear in linears:
         key = linear.shape_key

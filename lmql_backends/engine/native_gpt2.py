@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .linear_kernels import Linear
 
+
 def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, as one fused torch operation."""
     return F.gelu(x, approximate="tanh")

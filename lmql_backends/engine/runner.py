@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import InvalidRequestError
-from ..loader import MODEL_IMPLS
+from ..loader import MODEL_IMPLS, check_choice
 from .linear_kernels import KernelChoice, choose_kernels, uses_onednn
 from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
@@ -149,7 +149,7 @@ class TransformersForward:
 
 def make_forward(model, model_impl: str = "auto"):
     """The forward pass the runner calls: the native GPT-2 one where it applies (auto), or transformers'."""
-    check_model_impl(model_impl)
+    check_choice("model_impl", model_impl, MODEL_IMPLS)
     if model_impl == "transformers":
         return TransformersForward(model)
     reason = unsupported_reason(model)
@@ -159,13 +159,6 @@ def make_forward(model, model_impl: str = "auto"):
         raise InvalidRequestError(
             f"model_impl 'native' cannot run this model: {reason}; use 'auto' or 'transformers'", "model_impl")
     return TransformersForward(model)
-
-
-def check_model_impl(model_impl: str) -> None:
-    """InvalidRequestError naming `model_impl` unless it is one of MODEL_IMPLS."""
-    if model_impl not in MODEL_IMPLS:
-        raise InvalidRequestError(
-            f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {model_impl!r}", "model_impl")
 
 
 class ModelRunner:
