@@ -9,7 +9,10 @@ Results are collected by one background task per event loop. It long-polls
 (``?wait=SECONDS``) when the server answers with the ``X-Long-Poll: 1`` header, and otherwise
 polls every 50 ms like the original client. Any number of samples can be in flight at once.
 Against an lmql-backends server (``X-Inline-Wait: 1`` on its /queue answers) a POST waits for
-its own result (``/queue?wait=SECONDS``), one HTTP request per token instead of two.
+its own result (``/queue?wait=SECONDS``), one HTTP request per token instead of two; and once a
+/queue answer names the server's WebSocket channel (``X-Queue-Socket``), the same actions and
+results travel over it instead (logits as binary float32), far cheaper than a request per token
+(``legacy/PROTOCOL.md``, extensions 14 and 16).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import urllib.parse
 import uuid
 from typing import Any
@@ -29,6 +33,7 @@ import orjson
 import torch
 
 from ..engine.sampling import SamplingParams, make_mask_processor, select_token
+from ..legacy_frames import decode_logits_frame
 from ..loader import load_context_length
 from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, InvalidRequestError,
@@ -36,6 +41,8 @@ from ..errors import (
 from .base import (
     LMClient, TokenChoice, check_chunk_timeout, check_top_k, make_base_url, restrict_to_tokenizer, top_choices,
 )
+
+log = logging.getLogger("lmql_backends.client.legacy")
 
 POLL_INTERVAL_SECONDS = 0.05
 LONG_POLL_SECONDS = 10.0
@@ -45,6 +52,7 @@ LONG_POLL_HEADER = "X-Long-Poll"
 INLINE_WAIT_HEADER = "X-Inline-Wait"
 INLINE_HEADER = "X-Inline-Result"
 ERROR_DETAIL_HEADER = "X-Error-Detail"
+SOCKET_HEADER = "X-Queue-Socket"
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,19 +63,38 @@ class Connection:
     session: aiohttp.ClientSession
     pending: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)
     collector: asyncio.Task | None = None
+    channel: Channel | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Channel:
+    """The open WebSocket channel of one event loop, its reader, and the samples sent over it."""
+
+    socket: aiohttp.ClientWebSocketResponse
+    reader: asyncio.Task | None = None
+    sample_ids: set[int] = dataclasses.field(default_factory=set)
+
+    def waiting(self, pending: dict[int, asyncio.Future]) -> dict[int, asyncio.Future]:
+        """The futures of samples sent over this channel that still wait."""
+        return {i: pending[i] for i in self.sample_ids if i in pending}
 
 
 class LegacyTransport:
-    """Posts actions to ``/queue`` and routes results from ``/results`` to waiting futures."""
+    """Posts actions to ``/queue`` (or sends them over the server's WebSocket channel) and routes
+    results to waiting futures by sample_id."""
 
-    def __init__(self, base_url: str, model_name: str, api_key: str | None, chunk_timeout: float):
+    def __init__(
+        self, base_url: str, model_name: str, api_key: str | None, chunk_timeout: float, use_socket: bool = True,
+    ):
         self.base_url = base_url
         self.model_name = model_name
         self.chunk_timeout = chunk_timeout
+        self.use_socket = use_socket
         self.client_id = f"lmql-backends-{uuid.uuid4().hex}"
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.supports_long_poll: bool | None = None  # unknown until the first /results answer
         self.supports_inline_wait = False  # until a /queue answer says so
+        self.socket_path: str | None = None  # the server's channel, once a /queue answer names it
         self._sample_ids = itertools.count()
         self._connection: Connection | None = None
 
@@ -78,22 +105,29 @@ class LegacyTransport:
             "model_identifier": self.model_name,
         })
         logits = result["next_token_logits"]
+        if isinstance(logits, numpy.ndarray):  # from the channel: shape [1, V]
+            return logits[0] if logits.ndim == 2 else logits
         return logits[0] if logits and isinstance(logits[0], list) else logits
 
     async def call(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST one action and wait for its result (at most ``chunk_timeout`` seconds).
 
         Against lmql-backends servers (``X-Inline-Wait: 1`` on a /queue answer) the POST itself
-        waits for the result (``?wait=``), so no /results request is needed when it is ready in time.
+        waits for the result (``?wait=``), so no /results request is needed when it is ready in time;
+        once the server named its WebSocket channel, the action goes over it instead.
         """
         connection = self._current_connection()
         sample_id = next(self._sample_ids)
         future = connection.loop.create_future()
         connection.pending[sample_id] = future
+        body = {**body, "sample_id": sample_id, "client_id": self.client_id}
         try:
+            channel = await self._channel(connection)
+            if channel is not None:
+                return await self._call_over(channel, body, future)
             if not self.supports_inline_wait:
                 self._ensure_collector(connection)
-            answer = await self._post(connection, {**body, "sample_id": sample_id, "client_id": self.client_id})
+            answer = await self._post(connection, body)
             if "result" in answer:
                 return self.checked(answer["result"])
             self._ensure_collector(connection)
@@ -123,6 +157,7 @@ class LegacyTransport:
                     detail = resp.headers.get(ERROR_DETAIL_HEADER)
                     raise self.response_error(resp.status, await resp.text(), detail)
                 self.supports_inline_wait = resp.headers.get(INLINE_WAIT_HEADER) == "1"
+                self.socket_path = resp.headers.get(SOCKET_HEADER) if self.use_socket else None
                 answer = parse_json(await resp.read()) if resp.headers.get(INLINE_HEADER) == "1" else {}
         if not isinstance(answer, dict) or ("result" in answer and not isinstance(answer["result"], dict)):
             raise BackendResponseError(f"the legacy server at {self.base_url} sent an invalid /queue answer")
@@ -178,12 +213,80 @@ class LegacyTransport:
             future.set_exception(exc)
 
     def checked(self, result: dict[str, Any]) -> dict[str, Any]:
-        """`result`, or the BackendResponseError of an error result."""
+        """`result`, or the BackendResponseError of an error result or of a refusal on the channel."""
+        if "status" in result:  # the channel's form of a /queue error answer
+            raise self.response_error(result["status"], str(result.get("error")), result.get("detail"))
         if "error" in result:
             raise BackendResponseError(
                 f"the legacy server at {self.base_url} failed on sample {result.get('sample_id')}: {result['error']}"
             )
         return result
+
+    # ---- the WebSocket channel ---------------------------------------------------------------
+    async def _channel(self, connection: Connection) -> Channel | None:
+        """The open channel of this loop (connected on first use), or None: use HTTP."""
+        if self.socket_path is None:
+            return None
+        if connection.channel is None or connection.channel.socket.closed:
+            socket = await self._connect_socket(connection)
+            if socket is None:
+                return None
+            connection.channel = channel = Channel(socket)
+            channel.reader = connection.loop.create_task(self._read_channel(connection, channel))
+        return connection.channel
+
+    async def _connect_socket(self, connection: Connection) -> aiohttp.ClientWebSocketResponse | None:
+        """Open the channel; a server that refuses the upgrade gets plain HTTP from now on."""
+        async with translating_errors(self):
+            try:
+                return await connection.session.ws_connect(
+                    self.base_url + self.socket_path, timeout=aiohttp.ClientWSTimeout(ws_close=self.chunk_timeout),
+                    max_msg_size=0,
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                log.warning("the legacy server at %s refused its WebSocket channel (%s); using HTTP", self.base_url, exc)
+                self.socket_path, self.use_socket = None, False  # for good: later answers name it again
+                return None
+
+    async def _call_over(self, channel: Channel, body: dict[str, Any], future: asyncio.Future) -> dict[str, Any]:
+        sample_id = body["sample_id"]
+        channel.sample_ids.add(sample_id)
+        try:
+            async with translating_errors(self):
+                await channel.socket.send_bytes(orjson.dumps(body))
+            return await self._wait_for(future, sample_id)
+        finally:
+            channel.sample_ids.discard(sample_id)
+
+    async def _read_channel(self, connection: Connection, channel: Channel) -> None:
+        """Route every result message to its future; when the channel ends, fail what still waits on it."""
+        reason: object = None
+        try:
+            async for message in channel.socket:
+                if message.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                    self._deliver_message(connection, channel, message)
+        except Exception as exc:  # the connection broke
+            reason = exc
+        finally:
+            if connection.channel is channel:
+                connection.channel = None
+            detail = reason or f"close code {channel.socket.close_code}"
+            fail_all(channel.waiting(connection.pending), BackendUnavailableError(
+                f"the legacy server at {self.base_url} closed its WebSocket channel ({detail}) "
+                f"before answering every sample"
+            ))
+
+    def _deliver_message(self, connection: Connection, channel: Channel, message: aiohttp.WSMessage) -> None:
+        try:
+            result = decode_message(message)
+        except ValueError as exc:
+            error = BackendResponseError(f"the legacy server at {self.base_url} sent an invalid WebSocket message: {exc}")
+            return fail_all(channel.waiting(connection.pending), error)
+        if isinstance(result, dict) and "status" in result and result.get("sample_id") is None:
+            # a refusal of an action that had no sample_id: ours always do, so fail rather than hang
+            error = self.response_error(result["status"], str(result.get("error")), result.get("detail"))
+            return fail_all(channel.waiting(connection.pending), error)
+        self._deliver(connection, result)
 
     # ---- the connection of the running loop ------------------------------------------------
     def _current_connection(self) -> Connection:
@@ -199,9 +302,13 @@ class LegacyTransport:
         connection, self._connection = self._connection, None
         if connection is None or connection.loop is not asyncio.get_running_loop():
             return
-        if connection.collector is not None:
-            connection.collector.cancel()
-            await asyncio.gather(connection.collector, return_exceptions=True)
+        channel = connection.channel
+        if channel is not None:
+            await channel.socket.close()
+        for task in (connection.collector, channel.reader if channel is not None else None):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await connection.session.close()
 
 
@@ -211,6 +318,13 @@ def parse_json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return json.loads(body)
+
+
+def decode_message(message: aiohttp.WSMessage) -> Any:
+    """The result object of a channel message (binary: logits as a float32 array)."""
+    if message.type == aiohttp.WSMsgType.BINARY:
+        return decode_logits_frame(message.data)
+    return parse_json(message.data)
 
 
 def has_waiters(pending: dict[int, asyncio.Future]) -> bool:
@@ -263,13 +377,16 @@ class LegacyClient(LMClient):
     """Runs queries against a legacy (LMQL 0.0.6.x protocol) server, one token per call."""
 
     def __init__(
-        self, name: str, endpoint: str, tokenizer, *, api_key: str | None = None, chunk_timeout: float = 30.0
+        self, name: str, endpoint: str, tokenizer, *, api_key: str | None = None, chunk_timeout: float = 30.0,
+        use_socket: bool = True,
     ):
         self.name = name
         self.tokenizer = tokenizer
         self.context_length = load_context_length(name)
         self.endpoint = make_base_url(endpoint)
-        self.transport = LegacyTransport(self.endpoint, name, api_key, check_chunk_timeout(chunk_timeout))
+        self.transport = LegacyTransport(
+            self.endpoint, name, api_key, check_chunk_timeout(chunk_timeout), use_socket=use_socket,
+        )
 
     async def next_token_logits(self, ids: list[int]) -> torch.Tensor:
         """The raw next-token logits after `ids`, as float32 (exactly what the server computed)."""

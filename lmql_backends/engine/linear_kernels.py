@@ -64,7 +64,8 @@ def num_buckets(max_rows: int) -> int:
 
 
 class Linear:
-    """y = x @ weight + bias over the last dimension of x, with a kernel per row-count bucket."""
+    """y = rows @ weight + bias for `rows` [N, in] (2-D: the native forward keeps its activations
+    flat), with a kernel per row-count bucket."""
 
     __slots__ = ("weight", "bias", "kernels", "fallback")
 
@@ -73,11 +74,10 @@ class Linear:
         self.kernels: tuple[Kernel, ...] = ()  # by bucket_of(rows); rows beyond them use `fallback`
         self.fallback: Kernel = blas_linear
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         bucket = bucket_of(rows.shape[0])
         kernel = self.kernels[bucket] if bucket < len(self.kernels) else self.fallback
-        return kernel(rows, self.weight, self.bias).view(*x.shape[:-1], self.weight.shape[1])
+        return kernel(rows, self.weight, self.bias)
 
     @property
     def shape_key(self) -> tuple:

@@ -85,7 +85,7 @@ def conv1d_linear(conv1d) -> Linear:
 
 
 def norm_args(norm: torch.nn.LayerNorm) -> tuple:
-    """What F.layer_norm needs from a LayerNorm module (calling the module costs more than the norm)."""
+    """What torch.layer_norm needs from a LayerNorm module (calling the module costs more than the norm)."""
     return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
 
@@ -116,28 +116,31 @@ class NativeGpt2Forward:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns of each store row.
 
         `padding` ([B, past_len + 1] with 0 on left padding, or None) is given for one-token steps.
+        Activations stay flat ([B * T, width]) between the blocks: the linear layers take them as
+        they are (a decode step runs ~100 small operations, so each one saved counts).
         """
-        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
-        mask = attention_mask(padding, ids.shape[1], past_len, x.dtype, x.device)
+        batch, length = ids.shape
+        x = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(batch * length, self.width)
+        mask = attention_mask(padding, length, past_len, x.dtype, x.device)
         for layer, block in enumerate(self.blocks):
-            x = self._block(x, block, layer, store, past_len, mask)
+            x = self._block(x, block, layer, store, (batch, length, past_len), mask)
         if not all_logits:
-            x = x[:, -1:]
-        return self.lm_head(F.layer_norm(x, *self.ln_f))
+            x, length = x.view(batch, length, self.width)[:, -1], 1
+        return self.lm_head(torch.layer_norm(x, *self.ln_f)).view(batch, length, -1)
 
-    def _block(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
-        x = x + self._attention(F.layer_norm(x, *block.ln_1), block, layer, store, past_len, mask)
-        return x + block.proj(block.act(block.fc(F.layer_norm(x, *block.ln_2))))
+    def _block(self, x, block: BlockWeights, layer: int, store, shape: tuple, mask) -> torch.Tensor:
+        x = x + self._attention(torch.layer_norm(x, *block.ln_1), block, layer, store, shape, mask)
+        return x + block.proj(block.act(block.fc(torch.layer_norm(x, *block.ln_2))))
 
-    def _attention(self, x, block: BlockWeights, layer: int, store, past_len: int, mask) -> torch.Tensor:
-        batch, length, _ = x.shape
+    def _attention(self, x, block: BlockWeights, layer: int, store, shape: tuple, mask) -> torch.Tensor:
+        batch, length, past_len = shape
         qkv = block.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         keys, values = store.write(layer, past_len, key, value)
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=block.scale,
         )
-        return block.out(out.transpose(1, 2).reshape(batch, length, self.width))
+        return block.out(out.transpose(1, 2).reshape(batch * length, self.width))
 
 
 def attention_mask(padding, length: int, past_len: int, dtype, device) -> torch.Tensor | None:

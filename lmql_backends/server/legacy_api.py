@@ -19,12 +19,12 @@ import json
 import logging
 import math
 import time
-from typing import Any, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine
 
 import numpy
 import orjson
 import torch
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from ..engine import PromptOutput, Request
 from ..engine.engine import are_plain_ints, are_token_ids, yield_check
@@ -42,6 +42,9 @@ INLINE_WAIT_HEADER = "X-Inline-Wait"
 #: on a /queue answer that carries the result itself
 INLINE_HEADER = "X-Inline-Result"
 ERROR_DETAIL_HEADER = "X-Error-Detail"
+#: on every accepted /queue answer: the path of this server's WebSocket channel (an extension)
+SOCKET_HEADER = "X-Queue-Socket"
+SOCKET_PATH = "/queue/socket"
 BAD_REQUEST_TEXT = "Bad request."
 #: logits payloads larger than this many floats are formatted off the event loop
 NUM_FLOATS_INLINE = 262144
@@ -84,6 +87,27 @@ class DetokenizeJob:
 
 
 Job = ForwardJob | TokenizeJob | DetokenizeJob
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitRows:
+    """The raw next-token logits of a forward: one float32 tensor per row."""
+
+    rows: tuple[torch.Tensor, ...]
+    is_batched: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    """What a job produced: its result field (``next_token_logits``, ``input_ids``, ``text`` or
+    ``error``) and value (`LogitRows` for a forward, else a JSON value); each transport encodes it."""
+
+    field: str
+    value: Any
+
+
+#: hands a finished job's result to its client (the /queue answer, the result store or a socket)
+Deliver = Callable[[Sample, JobResult], Awaitable[None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +246,7 @@ class LegacyState:
     tokenizer_pool: concurrent.futures.ThreadPoolExecutor
     lookahead: Lookahead | None = None
     tasks: set = dataclasses.field(default_factory=set)
+    sockets: set = dataclasses.field(default_factory=set)
 
 
 LEGACY = web.AppKey("legacy", LegacyState)
@@ -235,9 +260,16 @@ def add_routes(app: web.Application, limits: ResultLimits = ResultLimits()) -> N
         app[METRICS_SOURCES].append(app[LEGACY].lookahead.stats)
     app.router.add_post("/queue", handle_queue)
     app.router.add_get("/results/{client_id}", handle_results)
+    add_socket_route(app)
     app.router.add_get("/queue", not_found)
     app.router.add_post("/results/{client_id}", not_found)
     app.on_shutdown.append(stop_jobs)
+
+
+def add_socket_route(app: web.Application) -> None:
+    from .legacy_socket import handle_socket  # the channel builds on this module
+
+    app.router.add_get(SOCKET_PATH, handle_socket)
 
 
 def make_lookahead(state) -> Lookahead | None:
@@ -253,9 +285,16 @@ async def stop_jobs(app: web.Application) -> None:
     for task in list(legacy.tasks):
         task.cancel()
     await asyncio.gather(*legacy.tasks, return_exceptions=True)
+    await close_sockets(legacy.sockets)
     if legacy.lookahead is not None:
         await legacy.lookahead.close()
     legacy.tokenizer_pool.shutdown(wait=False)
+
+
+async def close_sockets(sockets: set) -> None:
+    """Close every open WebSocket channel with 1001 (going away); their clients fail what is pending."""
+    closing = [socket.close(code=WSCloseCode.GOING_AWAY, message=b"the server is shutting down") for socket in sockets]
+    await asyncio.gather(*closing, return_exceptions=True)
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -282,13 +321,26 @@ async def handle_queue(request: web.Request) -> web.Response:
     except LmqlBackendsError as exc:  # invalid values (400), body over the limit (413), overload (429)
         return text_error(exc)
     inline = asyncio.get_running_loop().create_future() if wait > 0 else None
-    start_job(request.app, job, work, inline)
+    start_job(request.app, job, work, http_delivery(request.app, inline))
     head = json.dumps({"sample_id": job.sample.sample_id})
     result = await wait_inline(inline, wait, request.app[LEGACY].store, job.sample) if inline else None
+    headers = {INLINE_WAIT_HEADER: "1", SOCKET_HEADER: SOCKET_PATH}
     if result is None:
-        return web.Response(body=head.encode(), content_type="application/json", headers={INLINE_WAIT_HEADER: "1"})
+        return web.Response(body=head.encode(), content_type="application/json", headers=headers)
     body = head[:-1].encode() + b', "result": ' + result + b"}"
-    return web.Response(body=body, content_type="application/json", headers={INLINE_WAIT_HEADER: "1", INLINE_HEADER: "1"})
+    return web.Response(body=body, content_type="application/json", headers={**headers, INLINE_HEADER: "1"})
+
+
+def http_delivery(app: web.Application, inline: asyncio.Future | None) -> Deliver:
+    """Results as JSON: in the /queue answer if it still waits (`inline`), else in the result store."""
+    async def deliver(sample: Sample, result: JobResult) -> None:
+        payload = await encode_json_result(sample, result)
+        if inline is not None and not inline.done():
+            inline.set_result(payload)
+        else:
+            app[LEGACY].store.put(sample.client_key, payload)
+
+    return deliver
 
 
 async def wait_inline(inline: asyncio.Future, seconds: float, store: ResultStore, sample: Sample) -> bytes | None:
@@ -316,9 +368,13 @@ def header_safe(text: str) -> str:
 
 async def read_payload(request: web.Request) -> dict:
     """The JSON object of the body, with its ``action`` and ``sample_id``."""
-    body = await read_body(request)
+    return parse_payload(await read_body(request))
+
+
+def parse_payload(body: bytes | str) -> dict:
+    """The JSON object of one action, with its ``action`` and ``sample_id`` (MalformedFieldError if not)."""
     try:
-        payload = json.loads(body)
+        payload = json.loads(body)  # not orjson: it turns integers beyond 64 bits into floats
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedFieldError(f"the body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(payload, dict):
@@ -469,7 +525,7 @@ def check_vocabulary(ids, name: str, vocab_size: int) -> None:
 # ---- running jobs ---------------------------------------------------------------------------
 
 
-def begin_job(app: web.Application, job: Job) -> Coroutine[Any, Any, tuple[str, str]]:
+def begin_job(app: web.Application, job: Job) -> Coroutine[Any, Any, JobResult]:
     """Reserve what `job` needs now (OverloadedError when full); return the coroutine that finishes it."""
     check_capacity(app)
     if isinstance(job, ForwardJob):
@@ -485,28 +541,21 @@ def check_capacity(app: web.Application) -> None:
         raise OverloadedError(f"the server is at capacity ({limit} samples in flight); retry later")
 
 
-def start_job(
-    app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]], inline: asyncio.Future | None = None,
-) -> None:
-    """Run `work` in the background; its result (or error result) goes to `inline` if someone still
-    waits there, else to the store."""
+def start_job(app: web.Application, job: Job, work: Coroutine[Any, Any, JobResult], deliver: Deliver) -> None:
+    """Run `work` in the background; `deliver` hands its result (or error result) to the client."""
     legacy = app[LEGACY]
-    task = asyncio.create_task(run_job(app, job, work, inline))
+    task = asyncio.create_task(run_job(job, work, deliver))
     legacy.tasks.add(task)
     task.add_done_callback(legacy.tasks.discard)
 
 
-async def run_job(app: web.Application, job: Job, work: Coroutine[Any, Any, tuple[str, str]], inline=None) -> None:
+async def run_job(job: Job, work: Coroutine[Any, Any, JobResult], deliver: Deliver) -> None:
     try:
-        field, value_json = await work
-        payload = encode_result(job.sample, field, value_json)
+        result = await work
     except Exception as exc:  # deliver every failure as an error result: no sample is lost
         log.info("legacy sample %r failed: %s", job.sample.sample_id, exc)
-        payload = encode_result(job.sample, "error", json.dumps(error_text(exc)))
-    if inline is not None and not inline.done():
-        inline.set_result(payload)
-    else:
-        app[LEGACY].store.put(job.sample.client_key, payload)
+        result = JobResult("error", error_text(exc))
+    await deliver(job.sample, result)
 
 
 def error_text(exc: Exception) -> str:
@@ -558,7 +607,7 @@ def submit_rows(engine, rows: tuple[tuple[int, ...], ...]) -> list[RowForward]:
     return submitted
 
 
-def begin_forward(app: web.Application, job: ForwardJob) -> Coroutine[Any, Any, tuple[str, str]]:
+def begin_forward(app: web.Application, job: ForwardJob) -> Coroutine[Any, Any, JobResult]:
     """Take the rows' lookaheads and submit the other rows now; overload raises (429), any other
     refusal becomes the sample's error result."""
     engine, lookahead = app[STATE].engine, app[LEGACY].lookahead
@@ -579,7 +628,7 @@ def begin_forward(app: web.Application, job: ForwardJob) -> Coroutine[Any, Any, 
     return run_forward(app, job, waits)
 
 
-async def raise_later(exc: Exception) -> tuple[str, str]:
+async def raise_later(exc: Exception) -> JobResult:
     raise exc
 
 
@@ -591,7 +640,7 @@ async def row_logits_of(engine, row: tuple[int, ...], lookahead: asyncio.Task) -
         return await forward_row(engine, list(row))
 
 
-async def run_forward(app: web.Application, job: ForwardJob, waits: list) -> tuple[str, str]:
+async def run_forward(app: web.Application, job: ForwardJob, waits: list) -> JobResult:
     logits = await asyncio.gather(*waits)
     lookahead = app[LEGACY].lookahead
     if lookahead is not None:
@@ -600,7 +649,7 @@ async def run_forward(app: web.Application, job: ForwardJob, waits: list) -> tup
             lookahead.start_after(
                 job.sample.client_key, row, row_logits, functools.partial(forward_row, engine, is_speculative=True)
             )
-    return "next_token_logits", await encode_logits(logits, job.is_batched)
+    return JobResult("next_token_logits", LogitRows(tuple(logits), job.is_batched))
 
 
 async def forward_row(engine, ids: list[int], is_speculative: bool = False) -> torch.Tensor:
@@ -608,10 +657,9 @@ async def forward_row(engine, ids: list[int], is_speculative: bool = False) -> t
     return await RowForward.submit(engine, ids, is_speculative).next_token_logits()
 
 
-async def run_tokenize(app: web.Application, job: TokenizeJob) -> tuple[str, str]:
+async def run_tokenize(app: web.Application, job: TokenizeJob) -> JobResult:
     loaded = app[STATE].loaded
-    ids = await in_tokenizer_thread(app, tokenize_text, loaded, job.text)
-    return "input_ids", json.dumps(ids)
+    return JobResult("input_ids", await in_tokenizer_thread(app, tokenize_text, loaded, job.text))
 
 
 def tokenize_text(loaded, text: str) -> list[int]:
@@ -623,10 +671,9 @@ def tokenize_text(loaded, text: str) -> list[int]:
     return list(loaded.tokenizer(text)["input_ids"])
 
 
-async def run_detokenize(app: web.Application, job: DetokenizeJob) -> tuple[str, str]:
+async def run_detokenize(app: web.Application, job: DetokenizeJob) -> JobResult:
     tokenizer = app[STATE].loaded.tokenizer
-    text = await in_tokenizer_thread(app, tokenizer.decode, list(job.input_ids))
-    return "text", json.dumps(text)
+    return JobResult("text", await in_tokenizer_thread(app, tokenizer.decode, list(job.input_ids)))
 
 
 async def in_tokenizer_thread(app: web.Application, function, *args):
@@ -639,6 +686,15 @@ JOB_RUNNERS = {TokenizeJob: run_tokenize, DetokenizeJob: run_detokenize}
 
 
 # ---- encoding -------------------------------------------------------------------------------
+
+
+async def encode_json_result(sample: Sample, result: JobResult) -> bytes:
+    """The result object /results delivers (logits written as JSON floats, large ones off the loop)."""
+    if isinstance(result.value, LogitRows):
+        value_json = await encode_logits(list(result.value.rows), result.value.is_batched)
+    else:
+        value_json = json.dumps(result.value)
+    return encode_result(sample, result.field, value_json)
 
 
 def encode_result(sample: Sample, field: str, value_json: str) -> bytes:

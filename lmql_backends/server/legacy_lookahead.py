@@ -74,7 +74,7 @@ class Lookahead:
 
     def start_after(self, client: str, row: Row, logits: torch.Tensor, forward: Forward) -> None:
         """Predict `client`'s next row (`row` plus its raw argmax); compute it now if worth it."""
-        token = int(torch.argmax(logits))
+        token = int(logits.numpy(force=True).argmax())  # numpy: no torch dispatch on the event loop
         next_row = (*row, token)
         self._remember(client, next_row)
         if (token == self.eos_token_id or len(next_row) > self.context_length or next_row in self.entries

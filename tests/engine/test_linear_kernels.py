@@ -111,8 +111,8 @@ def test_each_row_count_runs_the_kernel_of_its_bucket():
     linear = make_linear()
     linear.kernels, linear.fallback = (recording("one"), recording("two"), recording("up to four")), recording("more")
     for batch in (1, 2, 3, 4, 7):
-        x = torch.randn(batch, 1, 6)  # [batch, tokens, width], as the forward calls it
-        assert linear(x).shape == (batch, 1, 5)
+        x = torch.randn(batch, 6)  # [rows, width], as the forward calls it
+        assert linear(x).shape == (batch, 5)
     assert used == [("one", 1), ("two", 2), ("up to four", 3), ("up to four", 4), ("more", 7)]
 
 

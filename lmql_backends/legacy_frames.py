@@ -1,0 +1,49 @@
+"""The binary message of the legacy API's WebSocket channel: a forward's logits, exact and compact.
+
+Layout: a 4-byte little-endian length, that many bytes of JSON header (the result object without
+its values, plus ``"field"`` naming the values' field and their ``"shape"``), then the float32
+values, little-endian, row after row. Written by the server (``server/legacy_socket.py``) and
+read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 16.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy
+
+HEADER_LENGTH = struct.Struct("<I")
+
+
+def encode_logits_frame(header: dict, field: str, rows: list[numpy.ndarray], is_batched: bool) -> bytes:
+    """`rows` (1-D float arrays of equal length) under `header`; shape [rows, V], or [V] if not batched."""
+    shape = [len(rows), len(rows[0])] if is_batched else [len(rows[0])]
+    head = json.dumps({**header, "field": field, "shape": shape}).encode()
+    values = b"".join(numpy.asarray(row, dtype="<f4").tobytes() for row in rows)
+    return HEADER_LENGTH.pack(len(head)) + head + values
+
+
+def decode_logits_frame(data: bytes) -> dict:
+    """The result object of a binary message: the header's fields plus ``field: float32 array``.
+
+    Raises ValueError when the message is truncated or its shape does not match its size.
+    """
+    if len(data) < HEADER_LENGTH.size:
+        raise ValueError(f"a binary message of {len(data)} bytes is too short for its header length")
+    (num_header_bytes,) = HEADER_LENGTH.unpack_from(data)
+    start = HEADER_LENGTH.size + num_header_bytes
+    if start > len(data):
+        raise ValueError(f"a binary message of {len(data)} bytes declares a {num_header_bytes}-byte header")
+    header = json.loads(data[HEADER_LENGTH.size:start])
+    shape, field = header.pop("shape", None), header.pop("field", None)
+    num_values = (len(data) - start) // 4
+    if not is_valid_shape(shape) or int(numpy.prod(shape)) != num_values or not isinstance(field, str):
+        raise ValueError(f"a binary message declares shape {shape!r} but holds {num_values} float32 values")
+    values = numpy.frombuffer(data, dtype="<f4", offset=start, count=num_values)
+    header[field] = values.astype(numpy.float32).reshape(shape)  # a writable copy in native order
+    return header
+
+
+def is_valid_shape(shape) -> bool:
+    return isinstance(shape, list) and len(shape) in (1, 2) and all(isinstance(n, int) and n > 0 for n in shape)

@@ -1,0 +1,174 @@
+"""The legacy API's WebSocket channel (extension 16): the same actions and results as /queue, one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+
+import aiohttp
+import numpy
+import pytest
+import torch
+
+from lmql_backends.legacy_frames import decode_logits_frame
+from lmql_backends.server.legacy_api import LogitRows, Sample
+from lmql_backends.server.legacy_socket import encode_logits_message
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "builtin:tiny"
+SOCKET_PATH = "/queue/socket"
+
+
+def new_client_id() -> str:
+    return f"socket-{uuid.uuid4().hex[:8]}"
+
+
+def forward_body(client_id: str, sample_id, input_ids, model: str = MODEL) -> dict:
+    return {"action": "forward", "client_id": client_id, "sample_id": sample_id, "input_ids": input_ids,
+            "attention_mask": None, "model_identifier": model}
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def channel(legacy_server, session):
+    async with session.ws_connect(f"http://{legacy_server.endpoint}{SOCKET_PATH}") as socket:
+        yield socket
+
+
+async def post_queue(session, server, body: dict, wait: float | None = None) -> tuple[aiohttp.ClientResponse, dict]:
+    params = {"wait": str(wait)} if wait is not None else None
+    async with session.post(f"http://{server.endpoint}/queue", json=body, params=params) as response:
+        return response, await response.json()
+
+
+async def next_message(socket) -> aiohttp.WSMessage:
+    return await asyncio.wait_for(socket.receive(), 30)
+
+
+async def test_queue_answers_name_the_channel(legacy_server, session):
+    response, _ = await post_queue(session, legacy_server, forward_body(new_client_id(), 0, [[0, 5]]))
+    assert response.headers["X-Queue-Socket"] == SOCKET_PATH
+
+
+@pytest.mark.parametrize("input_ids", [[[0, 17, 30]], [[0, 17, 30], [0, 4]], [0, 17, 30]])
+async def test_forward_logits_arrive_binary_and_match_the_json_ones(legacy_server, session, channel, input_ids):
+    client_id = new_client_id()
+    await channel.send_str(json.dumps(forward_body(client_id, "s-1", input_ids)))
+    message = await next_message(channel)
+    assert message.type == aiohttp.WSMsgType.BINARY
+    result = decode_logits_frame(message.data)
+    _, answer = await post_queue(session, legacy_server, forward_body(client_id, 2, input_ids), wait=30)
+    expected = numpy.asarray(answer["result"]["next_token_logits"], dtype=numpy.float32)
+    assert result["sample_id"] == "s-1" and result["client_id"].endswith(f"-{client_id}")
+    shape = (len(input_ids), 2048) if isinstance(input_ids[0], list) else (2048,)
+    assert result["next_token_logits"].shape == expected.shape == shape
+    # a prefix-cached or batched forward may round differently; the encoding itself is exact (below)
+    numpy.testing.assert_allclose(result["next_token_logits"], expected, atol=1e-4)
+
+
+def test_the_binary_message_holds_the_engine_logits_bit_for_bit():
+    logits = torch.randn(2, 2048)
+    logits[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    message = encode_logits_message(Sample("127.0.0.1-c", 9), LogitRows(tuple(logits), is_batched=True))
+    result = decode_logits_frame(message)
+    assert result["sample_id"] == 9 and result["client_id"] == "127.0.0.1-c"
+    assert result["next_token_logits"].tobytes() == logits.numpy().tobytes()
+
+
+async def test_many_samples_in_flight_each_get_their_own_result(channel):
+    client_id = new_client_id()
+    rows = {sample_id: [0, 3 + sample_id, 9] for sample_id in range(12)}
+    for sample_id, row in rows.items():
+        await channel.send_bytes(json.dumps(forward_body(client_id, sample_id, [row])).encode())
+    results = [decode_logits_frame((await next_message(channel)).data) for _ in rows]
+    assert sorted(result["sample_id"] for result in results) == list(rows)
+    by_id = {result["sample_id"]: result["next_token_logits"] for result in results}
+    assert not numpy.array_equal(by_id[0], by_id[1])  # different rows, different logits
+
+
+async def test_tokenize_and_detokenize_answer_with_the_results_object(channel):
+    client_id = new_client_id()
+    await channel.send_str(json.dumps({"action": "tokenize", "client_id": client_id, "sample_id": 1, "text": "Emma"}))
+    tokenized = json.loads((await next_message(channel)).data)
+    await channel.send_str(json.dumps({
+        "action": "detokenize", "client_id": client_id, "sample_id": 2, "input_ids": tokenized["input_ids"],
+    }))
+    detokenized = json.loads((await next_message(channel)).data)
+    assert tokenized["sample_id"] == 1 and tokenized["input_ids"]
+    assert detokenized == {"client_id": detokenized["client_id"], "sample_id": 2, "text": "Emma"}
+
+
+async def test_a_refused_action_answers_its_status_and_message(channel):
+    await channel.send_str(json.dumps(forward_body(new_client_id(), 5, [[0, 1]], model="gpt2")))
+    refusal = json.loads((await next_message(channel)).data)
+    assert refusal == {"sample_id": 5, "status": 400, "error": "The inference API serves model builtin:tiny not gpt2."}
+
+
+async def test_a_malformed_action_answers_bad_request_with_the_detail(channel):
+    body = {**forward_body(new_client_id(), 6, [[0, 1]]), "attention_mask": [[1]]}
+    await channel.send_str(json.dumps(body))
+    refusal = json.loads((await next_message(channel)).data)
+    assert (refusal["sample_id"], refusal["status"], refusal["error"]) == (6, 400, "Bad request.")
+    assert "attention_mask" in refusal["detail"]
+
+
+async def test_a_message_that_is_not_json_is_refused_without_a_sample_id(channel):
+    await channel.send_str("{not json")
+    refusal = json.loads((await next_message(channel)).data)
+    assert (refusal["sample_id"], refusal["status"], refusal["error"]) == (None, 400, "Bad request.")
+    assert "not valid JSON" in refusal["detail"]
+
+
+async def test_results_of_a_dropped_channel_go_to_results(legacy_server, session):
+    """A client that vanishes mid-work loses nothing: what was not sent on the channel waits at /results."""
+    client_id, generator = new_client_id(), random.Random(3)
+    rows = [[0] + [generator.randrange(1, 2048) for _ in range(1000)] for _ in range(6)]  # ~0.1 s of work
+    socket = await session.ws_connect(f"http://{legacy_server.endpoint}{SOCKET_PATH}")
+    for sample_id, row in enumerate(rows):
+        await socket.send_str(json.dumps(forward_body(client_id, sample_id, [row])))
+    socket._response.connection.transport.abort()  # gone, without a closing handshake
+    collected: list[dict] = []
+    async with asyncio.timeout(60):
+        while len(collected) < len(rows):
+            async with session.get(f"http://{legacy_server.endpoint}/results/{client_id}", params={"wait": "5"}) as r:
+                collected += await r.json()
+    assert sorted(result["sample_id"] for result in collected) == list(range(len(rows)))
+    assert all(len(result["next_token_logits"][0]) == 2048 for result in collected)
+
+
+async def test_the_api_key_is_checked_on_the_handshake(tiny_model):
+    from lmql_backends.server.app import serve
+
+    handle = await asyncio.to_thread(serve, tiny_model, port=0, legacy=True, background=True, api_key="s3cret")
+    try:
+        url = f"http://{handle.endpoint}{SOCKET_PATH}"
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await session.ws_connect(url)
+            assert info.value.status == 401
+            async with session.ws_connect(url, headers={"Authorization": "Bearer s3cret"}) as socket:
+                await socket.send_str(json.dumps(forward_body(new_client_id(), 1, [[0, 2]])))
+                assert (await next_message(socket)).type == aiohttp.WSMsgType.BINARY
+    finally:
+        await asyncio.to_thread(handle.stop)
+
+
+async def test_shutdown_closes_open_channels(tiny_model):
+    from lmql_backends.server.app import serve
+
+    handle = await asyncio.to_thread(serve, tiny_model, port=0, legacy=True, background=True)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"http://{handle.endpoint}{SOCKET_PATH}") as socket:
+            stopping = asyncio.create_task(asyncio.to_thread(handle.stop))
+            message = await next_message(socket)
+            await stopping
+    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert socket.close_code == aiohttp.WSCloseCode.GOING_AWAY
