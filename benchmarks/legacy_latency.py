@@ -2,8 +2,9 @@
 
 Uses ``serve-model builtin:tiny --legacy`` processes (loopback, free ports), one with the
 lookahead (the default) and one with ``--no-lookahead``, and runs the same greedy decode, one
-token per call, through `LegacyClient` (HTTP: a ``forward`` of the whole sequence, its result
-in the answer of ``/queue?wait=``), alternating with `InProcessClient` (the engine in this
+token per call, through `LegacyClient` (a ``forward`` of the whole sequence per token: the first
+over HTTP, the rest over the server's WebSocket channel ``/queue/socket``, the logits coming back
+as binary float32), alternating with `InProcessClient` (the engine in this
 process). Prints the median milliseconds per token of each, against the 5 ms target. The
 last rows are the lookahead's worst case: a client that always takes the second-best token,
 so every lookahead would be wasted (the server stops starting them for such a client after

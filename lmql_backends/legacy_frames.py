@@ -9,6 +9,7 @@ read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 16.
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy
@@ -38,7 +39,7 @@ def decode_logits_frame(data: bytes) -> dict:
     header = json.loads(data[HEADER_LENGTH.size:start])
     shape, field = header.pop("shape", None), header.pop("field", None)
     num_values = (len(data) - start) // 4
-    if not is_valid_shape(shape) or int(numpy.prod(shape)) != num_values or not isinstance(field, str):
+    if not is_valid_shape(shape) or math.prod(shape) != num_values or not isinstance(field, str):
         raise ValueError(f"a binary message declares shape {shape!r} but holds {num_values} float32 values")
     values = numpy.frombuffer(data, dtype="<f4", offset=start, count=num_values)
     header[field] = values.astype(numpy.float32).reshape(shape)  # a writable copy in native order

@@ -207,8 +207,10 @@ class BoundCharCount(Bound):
         count = count_chars(progress.value_bytes)
         can_end = compare(count, self.op, self.limit)
         if self.op in ("<", "<=", "=="):
-            most = self.limit - 1 if self.op == "<" else self.limit
-            return Allowed(char_budget_mask(self.table, most - count), can_end)
+            budget = (self.limit - 1 if self.op == "<" else self.limit) - count
+            if budget >= self.table.max_token_chars:  # no token is too long yet
+                return allow_all(can_end)
+            return Allowed(char_budget_mask(self.table, budget), can_end)
         return allow_all(can_end)
 
     def is_satisfied(self, record):

@@ -19,6 +19,7 @@ from ..errors import InvalidRequestError
 
 INT_PATTERN = re.compile(rb" ?[0-9]+")
 DIGITS_PATTERN = re.compile(rb"[0-9]+")
+CONTINUATION_BYTES = re.compile(rb"[\x80-\xbf]")
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 METASPACE = "\u2581"
 
@@ -58,6 +59,11 @@ class TokenTable:
     def num_chars(self) -> torch.Tensor:
         """How many characters each token starts (its UTF-8 bytes that are not continuations)."""
         return torch.tensor([count_chars(b) for b in self.token_bytes], dtype=torch.int32)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters any text token adds."""
+        return int(self.num_chars[self.text_mask].max()) if bool(self.text_mask.any()) else 0
 
     @functools.cached_property
     def ids_by_bytes(self) -> dict[bytes, tuple[int, ...]]:
@@ -105,7 +111,8 @@ class TokenTable:
 
 
 def count_chars(data: bytes) -> int:
-    return sum(1 for byte in data if not 0x80 <= byte <= 0xBF)
+    """Characters started in `data`: its bytes that are not UTF-8 continuation bytes."""
+    return len(data) - len(CONTINUATION_BYTES.findall(data))
 
 
 def token_table(tokenizer) -> TokenTable:
