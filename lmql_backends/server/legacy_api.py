@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from typing import Any, Awaitable, Callable, Coroutine
 
@@ -48,6 +49,8 @@ SOCKET_PATH = "/queue/socket"
 BAD_REQUEST_TEXT = "Bad request."
 #: logits payloads larger than this many floats are formatted off the event loop
 NUM_FLOATS_INLINE = 262144
+#: digits enough for an integer beyond 64 bits (see load_json)
+LONG_DIGIT_RUN = re.compile(rb"[0-9]{19,}")
 
 
 # ---- typed jobs ---------------------------------------------------------------------------
@@ -374,7 +377,7 @@ async def read_payload(request: web.Request) -> dict:
 def parse_payload(body: bytes | str) -> dict:
     """The JSON object of one action, with its ``action`` and ``sample_id`` (MalformedFieldError if not)."""
     try:
-        payload = json.loads(body)  # not orjson: it turns integers beyond 64 bits into floats
+        payload = load_json(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedFieldError(f"the body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(payload, dict):
@@ -383,6 +386,21 @@ def parse_payload(body: bytes | str) -> dict:
         if field not in payload:
             raise MalformedFieldError(f"the body has no {field!r}; every request needs 'action' and 'sample_id'")
     return payload
+
+
+def load_json(body: bytes | str) -> Any:
+    """``json.loads(body)``, ~5x faster on long ``input_ids`` through orjson where both agree.
+
+    orjson reads an integer beyond 64 bits as a float (json: an exact int), so a body with a run
+    of 19 or more digits, and anything orjson refuses (``NaN``, lone surrogates, ...), is read by
+    ``json``: every body is judged exactly as ``json.loads`` judges it.
+    """
+    if isinstance(body, bytes) and LONG_DIGIT_RUN.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
 
 
 def parse_job(payload: dict, request: web.Request) -> Job:
@@ -474,14 +492,15 @@ def make_rows(input_ids: Any, mask: Any) -> tuple[tuple[tuple[int, ...], ...], b
     matrix = input_ids if is_batched else [input_ids]
     if not all(is_int_list(row) for row in matrix):
         raise MalformedFieldError("input_ids must be a list of token ids or a list of such lists")
+    if mask is None:  # nothing to remove (the usual case: one pass less over every id)
+        return tuple(tuple(row) for row in matrix), is_batched
     mask_matrix = make_mask_matrix(mask, matrix, is_batched)
     rows = tuple(tuple(t for t, keep in zip(row, keeps) if keep) for row, keeps in zip(matrix, mask_matrix))
     return rows, is_batched
 
 
 def make_mask_matrix(mask: Any, matrix: list[list[int]], is_batched: bool) -> list[list[Any]]:
-    if mask is None:
-        return [[1] * len(row) for row in matrix]
+    """The attention_mask (not None) as one list per row, checked against the shape of input_ids."""
     mask_matrix = mask if is_batched else [mask]
     shapes_match = isinstance(mask_matrix, list) and len(mask_matrix) == len(matrix) and all(
         isinstance(keeps, list) and len(keeps) == len(row) for keeps, row in zip(mask_matrix, matrix)

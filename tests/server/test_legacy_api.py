@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from lmql_backends.server.legacy_api import ResultLimits, ResultStore, format_floats
+from lmql_backends.server.legacy_api import ResultLimits, ResultStore, format_floats, load_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -395,3 +395,19 @@ def test_logits_encoding_round_trips_float32_exactly():
     decoded = torch.tensor(json.loads(format_floats(values)), dtype=torch.float32)
     assert torch.equal(decoded, values)
     assert json.loads(format_floats(torch.tensor([1.0, float("-inf")]))) == [1.0, float("-inf")]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"sample_id": 1, "input_ids": [[0, 5, 7]], "client_id": "c"}',  # the fast path
+    b'{"sample_id": 123456789012345678901234567890, "input_ids": [-9223372036854775809]}',  # beyond 64 bits
+    b'{"sample_id": NaN, "x": Infinity}', b'["\\ud800"]', b'{"a": 1, "a": 2}',  # what orjson refuses, duplicates
+])
+def test_bodies_are_read_exactly_as_json_reads_them(body):
+    got, expected = load_json(body), json.loads(body)
+    assert repr(got) == repr(expected) and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b"[1, 2"])
+def test_invalid_bodies_fail_as_json_fails(body):
+    with pytest.raises(ValueError):
+        load_json(body)
