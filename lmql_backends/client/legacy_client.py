@@ -64,6 +64,7 @@ class Connection:
     pending: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)
     collector: asyncio.Task | None = None
     channel: Channel | None = None
+    connecting: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one channel, not one per caller
 
 
 @dataclasses.dataclass(eq=False)
@@ -227,12 +228,15 @@ class LegacyTransport:
         """The open channel of this loop (connected on first use), or None: use HTTP."""
         if self.socket_path is None:
             return None
-        if connection.channel is None or connection.channel.socket.closed:
-            socket = await self._connect_socket(connection)
-            if socket is None:
-                return None
-            connection.channel = channel = Channel(socket)
-            channel.reader = connection.loop.create_task(self._read_channel(connection, channel))
+        if connection.channel is not None and not connection.channel.socket.closed:
+            return connection.channel
+        async with connection.connecting:  # callers arriving meanwhile wait for this connection
+            if connection.channel is None or connection.channel.socket.closed:
+                socket = await self._connect_socket(connection)
+                if socket is None:
+                    return None
+                connection.channel = channel = Channel(socket)
+                channel.reader = connection.loop.create_task(self._read_channel(connection, channel))
         return connection.channel
 
     async def _connect_socket(self, connection: Connection) -> aiohttp.ClientWebSocketResponse | None:

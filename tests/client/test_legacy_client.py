@@ -160,6 +160,24 @@ async def test_after_its_first_request_the_client_moves_to_the_channel(legacy, i
     assert legacy.transport._connection.channel is channel
 
 
+async def test_callers_arriving_together_share_one_channel(legacy, inprocess, monkeypatch):
+    await legacy.top_tokens([0, 5], None, 2)  # over HTTP: names the channel
+    session = legacy.transport._connection.session
+    connects = []
+    real_connect = session.ws_connect
+
+    def counting_connect(*args, **kwargs):
+        connects.append(args[0])
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(session, "ws_connect", counting_connect)
+    prompts = [encode(inprocess, text) for text in PROMPTS * 2]
+    got = await asyncio.gather(*(legacy.top_tokens(ids, None, 2) for ids in prompts))
+    assert len(connects) == 1 and connects[0].endswith("/queue/socket")
+    for ids, choices in zip(prompts, got):
+        assert_same_choices(choices, await inprocess.top_tokens(ids, None, 2))
+
+
 async def test_a_refusal_on_the_channel_carries_the_server_text_and_status(legacy, inprocess):
     await legacy.generate([0, 5], None, 1, SamplingParams())
     assert legacy.transport.socket_path is not None
