@@ -1,20 +1,41 @@
-"""The binary message of the legacy API's WebSocket channel: a forward's logits, exact and compact.
+"""What the legacy API's client and server both read and write: JSON bodies, and the binary
+message of the WebSocket channel (a forward's logits, exact and compact).
 
-Layout: a 4-byte little-endian length, that many bytes of JSON header (the result object without
-its values, plus ``"field"`` naming the values' field and their ``"shape"``), then the float32
-values, little-endian, row after row. Written by the server (``server/legacy_socket.py``) and
-read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 16.
+Layout of the binary message: a 4-byte little-endian length, that many bytes of JSON header (the
+result object without its values, plus ``"field"`` naming the values' field and their
+``"shape"``), then the float32 values, little-endian, row after row. Written by the server
+(``server/legacy_socket.py``) and read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 16.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
+from typing import Any
 
 import numpy
+import orjson
 
 HEADER_LENGTH = struct.Struct("<I")
+#: digits enough for an integer beyond 64 bits (see load_json)
+LONG_DIGIT_RUN = re.compile(rb"[0-9]{19,}")
+
+
+def load_json(body: bytes | str) -> Any:
+    """``json.loads(body)``, several times faster through orjson where both agree (logits, long ids).
+
+    orjson reads an integer beyond 64 bits as a float (json: an exact int), so a body with a run
+    of 19 or more digits, and anything orjson refuses (``NaN``, ``Infinity``, lone surrogates,
+    ...), is read by ``json``: every body is judged exactly as ``json.loads`` judges it.
+    """
+    if isinstance(body, bytes) and LONG_DIGIT_RUN.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
 
 
 def encode_logits_frame(header: dict, field: str, rows: list[numpy.ndarray], is_batched: bool) -> bytes:

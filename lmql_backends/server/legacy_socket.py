@@ -38,7 +38,6 @@ log = logging.getLogger("lmql_backends.server.legacy")
 
 #: seconds a closing channel waits for the client's close reply
 CLOSE_TIMEOUT_SECONDS = 2.0
-FIELD_LOGITS = "next_token_logits"
 
 
 async def handle_socket(request: web.Request) -> web.WebSocketResponse:
@@ -73,8 +72,7 @@ async def receive_action(request: web.Request, socket: web.WebSocketResponse, da
 
 def refusal(sample_id, exc: LmqlBackendsError) -> str:
     """The message of an action the server did not accept, with the status ``POST /queue`` would answer."""
-    status = 400 if isinstance(exc, MalformedFieldError) else classify(exc)[0]
-    body = {"sample_id": sample_id, "status": status}
+    body = {"sample_id": sample_id, "status": classify(exc)[0]}  # MalformedFieldError: 400 too
     if isinstance(exc, MalformedFieldError):
         body.update(error=BAD_REQUEST_TEXT, detail=str(exc))
     else:
@@ -95,14 +93,14 @@ def socket_delivery(app: web.Application, socket: web.WebSocketResponse):
 def encode_message(sample: Sample, result: JobResult) -> bytes | str:
     """A binary message for logits, else the JSON result object as text."""
     if isinstance(result.value, LogitRows):
-        return encode_logits_message(sample, result.value)
+        return encode_logits_message(sample, result.field, result.value)
     return json.dumps({"client_id": sample.client_key, "sample_id": sample.sample_id, result.field: result.value})
 
 
-def encode_logits_message(sample: Sample, logits: LogitRows) -> bytes:
+def encode_logits_message(sample: Sample, field: str, logits: LogitRows) -> bytes:
     rows = [row.numpy(force=True) for row in logits.rows]  # the engine's float32 logits, not copied
     header = {"client_id": sample.client_key, "sample_id": sample.sample_id}
-    return encode_logits_frame(header, FIELD_LOGITS, rows, logits.is_batched)
+    return encode_logits_frame(header, field, rows, logits.is_batched)
 
 
 async def send_quietly(socket: web.WebSocketResponse, message: bytes | str) -> bool:

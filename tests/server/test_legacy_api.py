@@ -11,7 +11,8 @@ import pytest
 import requests
 import torch
 
-from lmql_backends.server.legacy_api import ResultLimits, ResultStore, format_floats, load_json
+from lmql_backends.legacy_frames import load_json
+from lmql_backends.server.legacy_api import ResultLimits, ResultStore, format_floats
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -77,7 +77,7 @@ async def test_forward_logits_arrive_binary_and_match_the_json_ones(legacy_serve
 def test_the_binary_message_holds_the_engine_logits_bit_for_bit():
     logits = torch.randn(2, 2048)
     logits[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
-    message = encode_logits_message(Sample("127.0.0.1-c", 9), LogitRows(tuple(logits), is_batched=True))
+    message = encode_logits_message(Sample("127.0.0.1-c", 9), "next_token_logits", LogitRows(tuple(logits), True))
     result = decode_logits_frame(message)
     assert result["sample_id"] == 9 and result["client_id"] == "127.0.0.1-c"
     assert result["next_token_logits"].tobytes() == logits.numpy().tobytes()
