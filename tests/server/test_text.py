@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from lmql_backends.loader import load_tokenizer
 from lmql_backends.server.text import (
-    IncrementalDecoder, StopMatcher, TokenNamer, decode_all, token_bytes, unicode_to_byte,
+    IncrementalDecoder, StopMatcher, TokenNamer, decode_all, decode_ids, has_plain_decode, token_bytes,
+    unicode_to_byte,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,6 +67,23 @@ def test_special_tokens_are_skipped_unless_asked_for(tokenizer):
     assert "".join(decode_all(tokenizer, ids, skip_special_tokens=True)) == "Hi"
     pieces = decode_all(tokenizer, ids, skip_special_tokens=False)
     assert len(pieces) == len(ids) and pieces[-1] == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decoding_through_the_rust_tokenizer_equals_transformers_decode(tokenizer, skip_special_tokens):
+    assert has_plain_decode(type(tokenizer))  # the embedded tokenizer takes the direct path
+    ids = [tokenizer.eos_token_id, *encode(tokenizer, f"  Hi {EMOJI} there,\n\tyou"), tokenizer.eos_token_id]
+    for end in range(len(ids) + 1):
+        expected = tokenizer.decode(ids[:end], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        assert decode_ids(tokenizer, ids[:end], skip_special_tokens) == expected
+
+
+def test_a_tokenizer_class_with_its_own_decode_keeps_it(tokenizer):
+    class OwnDecode(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return "own"
+
+    assert not has_plain_decode(OwnDecode)
 
 
 def test_decode_all_puts_a_split_character_on_its_last_token(tokenizer):
