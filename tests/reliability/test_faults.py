@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from lmql_backends.engine import EngineConfig
+from lmql_backends.server import text as text_module
 from reliability_support import (
     MODEL, base_url, collect_legacy, greedy_completion_ids, greedy_reference, legacy_error_text, legacy_forward_logits,
     new_client_id, openai_error, sse_payloads, start_server, wait_until,
@@ -143,11 +144,11 @@ def test_a_failing_prompt_encode_is_a_clean_500(new_server, monkeypatch):
 
 
 def test_a_failing_detokenization_is_a_clean_500_or_final_error_event(new_server, monkeypatch):
-    tokenizer = new_server.state.loaded.tokenizer
-    monkeypatch.setattr(tokenizer, "decode", FailOnce(tokenizer.decode))
+    decode_ids = text_module.decode_ids  # every detokenization of the new API goes through it
+    monkeypatch.setattr(text_module, "decode_ids", FailOnce(decode_ids))
     error = openai_error(response := completion(new_server, PROMPT))
     assert response.status_code == 500 and FAULT in error["message"]
-    monkeypatch.setattr(tokenizer, "decode", FailOnce(tokenizer.decode.function))
+    monkeypatch.setattr(text_module, "decode_ids", FailOnce(decode_ids))
     payloads = sse_payloads(completion(new_server, PROMPT, stream=True).text)
     assert payloads[-1] == "[DONE]" and FAULT in json.loads(payloads[-2])["error"]["message"]
     monkeypatch.undo()
