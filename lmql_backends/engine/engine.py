@@ -431,7 +431,12 @@ def are_plain_ints(values) -> bool:
 
 def are_token_ids(ids, vocab_size: int) -> bool:
     """Whether every entry of the non-empty `ids` is a plain int in [0, vocab_size) (C-speed checks)."""
-    return are_plain_ints(ids) and min(ids) >= 0 and max(ids) < vocab_size
+    return are_plain_ints(ids) and are_in_vocabulary(ids, vocab_size)
+
+
+def are_in_vocabulary(ids, vocab_size: int) -> bool:
+    """Whether every entry of the non-empty `ids` (ints) is in [0, vocab_size) (two C-speed passes)."""
+    return min(ids) >= 0 and max(ids) < vocab_size
 
 
 def yield_check(item: Output) -> bool:

@@ -27,7 +27,7 @@ import torch
 from aiohttp import WSCloseCode, web
 
 from ..engine import PromptOutput, Request
-from ..engine.engine import are_plain_ints, yield_check
+from ..engine.engine import are_in_vocabulary, are_plain_ints, yield_check
 from ..errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
 from ..legacy_frames import load_json
 from .app import METRICS_SOURCES, STATE, get_state, read_body, text_error
@@ -60,6 +60,10 @@ class Sample:
 
     client_key: str
     sample_id: Any
+
+    def to_json(self) -> dict:
+        """The fields that start every result object of this sample."""
+        return {"client_id": self.client_key, "sample_id": self.sample_id}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,7 +519,7 @@ def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: 
 
 def check_vocabulary(ids, name: str, vocab_size: int) -> None:
     """Every id of `ids` (already checked to be ints) in [0, vocab_size), or an error naming the first outside."""
-    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):  # C-speed passes; the loop finds the culprit
+    if not ids or are_in_vocabulary(ids, vocab_size):  # C-speed passes; the loop below finds the culprit
         return
     bad = next(t for t in ids if not 0 <= t < vocab_size)
     raise InvalidRequestError(
@@ -701,7 +705,7 @@ async def encode_json_result(sample: Sample, result: JobResult) -> bytes:
 
 def encode_result(sample: Sample, field: str, value_json: str) -> bytes:
     """One result object, encoded once when it is ready (``value_json`` is already JSON)."""
-    head = json.dumps({"client_id": sample.client_key, "sample_id": sample.sample_id})
+    head = json.dumps(sample.to_json())
     return f'{head[:-1]}, "{field}": {value_json}}}'.encode()
 
 

@@ -31,7 +31,7 @@ from .app import get_state
 from .errors import classify
 from .legacy_api import (
     BAD_REQUEST_TEXT, LEGACY, JobResult, LogitRows, MalformedFieldError, Sample, begin_job, encode_json_result,
-    error_text, parse_job, parse_payload, start_job,
+    encode_result, error_text, parse_job, parse_payload, start_job,
 )
 
 log = logging.getLogger("lmql_backends.server.legacy")
@@ -94,13 +94,12 @@ def encode_message(sample: Sample, result: JobResult) -> bytes | str:
     """A binary message for logits, else the JSON result object as text."""
     if isinstance(result.value, LogitRows):
         return encode_logits_message(sample, result.field, result.value)
-    return json.dumps({"client_id": sample.client_key, "sample_id": sample.sample_id, result.field: result.value})
+    return encode_result(sample, result.field, json.dumps(result.value)).decode()
 
 
 def encode_logits_message(sample: Sample, field: str, logits: LogitRows) -> bytes:
     rows = [row.numpy(force=True) for row in logits.rows]  # the engine's float32 logits, not copied
-    header = {"client_id": sample.client_key, "sample_id": sample.sample_id}
-    return encode_logits_frame(header, field, rows, logits.is_batched)
+    return encode_logits_frame(sample.to_json(), field, rows, logits.is_batched)
 
 
 async def send_quietly(socket: web.WebSocketResponse, message: bytes | str) -> bool:
