@@ -313,6 +313,14 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"/proc/{pid}/status has no VmRSS line")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server and its engine process)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return [pid] + [p for child in children for p in process_tree(child)]
+
+
 def describe_load(when: str) -> str:
     """The 1-minute load average: other processes on a shared machine distort every figure."""
     load = os.getloadavg()[0]

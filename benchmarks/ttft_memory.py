@@ -7,8 +7,9 @@ Time to first token (a fresh 128-token prompt each time, so nothing is prefix-ca
 - reference: the hand loop's first token (transformers forward of the prompt, then argmax).
 
 Memory: fresh ``python -m lmql_backends.cli serve-model M [--legacy]`` processes, RSS from
-/proc/PID/status after a warm-up request, against a bare process that loads the same model with
-transformers and runs the same prompt through it.
+/proc/PID/status after a warm-up request, summed over the server process and its engine process
+(pages both map, such as torch's libraries, count twice), against a bare process that loads the
+same model with transformers and runs the same prompt through it.
 
 Figures are ratios to the reference (time) and to the bare process (memory); no targets.
 
@@ -23,7 +24,7 @@ import time
 
 from common import (
     BenchContext, BenchModel, Figure, ServerProcess, alternate_medians, as_async, hand_greedy_loop, make_http_session,
-    make_prompt_ids, measure_each_model, rss_mib, standalone_main, server_env, stream_completion,
+    make_prompt_ids, measure_each_model, process_tree, rss_mib, standalone_main, server_env, stream_completion,
 )
 
 from lmql_backends.client.inprocess import InProcessClient
@@ -103,15 +104,15 @@ def bare_rss_mib(model: BenchModel, prompt: list[int]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-async def server_rss_mib(model: BenchModel, legacy: bool, prompt: list[int], session, tokenizer) -> float:
-    """RSS of a fresh server process after one warm-up request."""
+async def server_rss_mib(model: BenchModel, legacy: bool, prompt: list[int], session, tokenizer) -> list[float]:
+    """RSS of each process of a fresh server (the server's, then its engine process's) after one warm-up request."""
     with ServerProcess(model.name, legacy) as server:
         if legacy:
             async with LegacyClient(model.name, server.endpoint, tokenizer, chunk_timeout=300) as client:
                 await client.next_token_logits(prompt)
         else:
             await stream_completion(session, server.base_url, model.name, prompt, WARM_UP_TOKENS)
-        return rss_mib(server.pid)
+        return [rss_mib(pid) for pid in process_tree(server.pid)]
 
 
 async def memory_figures(model: BenchModel, session) -> list[Figure]:
@@ -120,9 +121,10 @@ async def memory_figures(model: BenchModel, session) -> list[Figure]:
     bare = bare_rss_mib(model, prompt)
     figures = []
     for legacy in (False, True):
-        rss = await server_rss_mib(model, legacy, prompt, session, tokenizer)
-        name = f"{'legacy' if legacy else 'new'} server process RSS / bare transformers process"
-        detail = f"{rss:.0f} vs {bare:.0f} MiB after one request"
+        each = await server_rss_mib(model, legacy, prompt, session, tokenizer)
+        rss = sum(each)
+        name = f"{'legacy' if legacy else 'new'} server processes RSS / bare transformers process"
+        detail = f"{rss:.0f} ({' + '.join(f'{r:.0f}' for r in each)}) vs {bare:.0f} MiB after one request"
         figures.append(Figure("memory", model.label, name, rss / bare, detail))
     return figures
 

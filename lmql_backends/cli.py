@@ -46,6 +46,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--legacy", action="store_true", help="serve the legacy LMQL 0.0.6.x API")
     serve.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                        help="legacy API: do not compute the likeliest next forward while the client chooses")
+    serve.add_argument("--no-engine-process", dest="engine_process", action="store_false",
+                       help="run the engine in a thread of the server process instead of a process of its own")
     serve.add_argument("--cuda", action="store_true", help="use the GPU(s) if available (device_map=auto)")
     serve.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32 on CPU)")
     serve.add_argument("--loader", choices=LOADERS, default=None, help="transformers (default), awq or gptq")
@@ -139,7 +141,7 @@ def serve_model(args, extra: list[str]) -> None:
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
-        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, cuda=args.cuda,
+        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process, cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
 

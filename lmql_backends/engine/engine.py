@@ -6,14 +6,13 @@ the runner computes → each sequence's outputs go to its consumer through `emit
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -25,6 +24,7 @@ from .runner import ModelRunner, choose_num_threads
 from .sampling import Choice, apply_processors, choose_greedy_rows, select_token, top_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
+from .streams import OutputStreams
 
 log = logging.getLogger("lmql_backends.engine")
 
@@ -75,11 +75,13 @@ class EngineStats:
     num_onednn_linears: int
 
 
-class Engine:
+class Engine(OutputStreams):
     """Continuous-batching inference over one loaded model, with a prefix KV cache."""
 
-    def __init__(self, loaded, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded, config: EngineConfig = EngineConfig(), after_step: Callable[[], None] | None = None):
+        """`after_step` runs on the engine thread after each step (the engine process sends the step's outputs)."""
         self.loaded = loaded
+        self._after_step = after_step or (lambda: None)
         self.config = config
         self.runner = ModelRunner(loaded.model, config.model_impl)
         if config.matmul != "auto":  # nothing to time: set now, so that a bad choice fails here
@@ -140,73 +142,18 @@ class Engine:
         self._inbox.put(("abort", request_id))
 
     @property
+    def is_alive(self) -> bool:
+        """Whether the engine takes requests (False once stopped)."""
+        return not self._stopped.is_set()
+
+    @property
     def num_pending(self) -> int:
         """Requests submitted and not yet finished (queued or running), speculative ones not counted."""
         return self._num_pending
 
     def validate(self, request: Request) -> None:
-        ids, limit = request.prompt_ids, self.loaded.context_length
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; send at least one token", "prompt")
-        bad = [] if are_token_ids(ids, self.loaded.vocab_size) else [
-            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.loaded.vocab_size
-        ]
-        if bad:
-            raise InvalidRequestError(
-                f"token id {bad[0]!r} is outside the vocabulary [0, {self.loaded.vocab_size})", "prompt"
-            )
-        if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
-            raise InvalidRequestError(f"max_tokens must be an integer >= 0, got {request.max_tokens!r}", "max_tokens")
-        if len(ids) + request.max_tokens > limit:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}, "
-                f"which exceeds the model's context length of {limit} tokens", "max_tokens"
-            )
-        if request.score_from is not None and not 1 <= request.score_from <= len(ids):
-            raise InvalidRequestError(
-                f"score_from must be in [1, {len(ids)}] (the prompt length), got {request.score_from!r}", "score_from"
-            )
-
-    async def stream(self, request: Request) -> AsyncIterator[Output]:
-        """Level two of generation: the typed outputs of `request`, ending with a finish_reason."""
-        outputs: asyncio.Queue = asyncio.Queue()
-        self.submit(request, self.emitter(asyncio.get_running_loop(), outputs.put_nowait, request.request_id))
-        finished = False
-        try:
-            while not finished:
-                item = await outputs.get()
-                finished = yield_check(item)
-                yield item
-        finally:
-            if not finished:
-                self.abort(request.request_id)
-
-    def emitter(self, loop: asyncio.AbstractEventLoop, callback: Callable[[Output], None], request_id: str):
-        """An `emit` for `submit` that runs ``callback(output)`` on `loop` (one wake-up per step);
-        if the loop is gone, the request is aborted."""
-        mailbox = self._mailboxes.of(loop)
-
-        def emit(item: Output) -> None:
-            try:
-                mailbox.post(callback, item)
-            except RuntimeError:  # the consumer's loop is gone
-                self.abort(request_id)
-
-        return emit
-
-    def stream_sync(self, request: Request, timeout: float | None = None) -> Iterator[Output]:
-        """The same outputs as `stream`, for threads without an event loop."""
-        outputs: queue.SimpleQueue = queue.SimpleQueue()
-        self.submit(request, outputs.put)
-        finished = False
-        try:
-            while not finished:
-                item = outputs.get(timeout=timeout)
-                finished = yield_check(item)
-                yield item
-        finally:
-            if not finished:
-                self.abort(request.request_id)
+        """InvalidRequestError (naming the field) unless `request` can run on this model."""
+        check_request(request, self.loaded.vocab_size, self.loaded.context_length)
 
     # ---- the engine thread -----------------------------------------------------------
     def _loop(self) -> None:
@@ -222,7 +169,9 @@ class Engine:
             except Exception as exc:  # never let the engine thread die
                 log.exception("engine step failed")
                 self._fail(list(self.scheduler.running), exc)
+            self._after_step()
         self._cancel_all()
+        self._after_step()
 
     def _set_num_threads(self) -> None:
         """Intra-op threads for this thread only (torch keeps a count per thread)."""
@@ -439,11 +388,29 @@ def are_in_vocabulary(ids, vocab_size: int) -> bool:
     return min(ids) >= 0 and max(ids) < vocab_size
 
 
-def yield_check(item: Output) -> bool:
-    """Whether `item` ends its stream; raises the error of an ErrorOutput."""
-    if isinstance(item, ErrorOutput):
-        raise item.error
-    return item.finish_reason is not None
+def check_request(request: Request, vocab_size: int, context_length: int) -> None:
+    """InvalidRequestError naming the field unless `request` fits a model of this vocabulary and context."""
+    ids, limit = request.prompt_ids, context_length
+    if not ids:
+        raise InvalidRequestError("the prompt is empty; send at least one token", "prompt")
+    bad = [] if are_token_ids(ids, vocab_size) else [
+        t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size
+    ]
+    if bad:
+        raise InvalidRequestError(
+            f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})", "prompt"
+        )
+    if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
+        raise InvalidRequestError(f"max_tokens must be an integer >= 0, got {request.max_tokens!r}", "max_tokens")
+    if len(ids) + request.max_tokens > limit:
+        raise ContextLengthError(
+            f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}, "
+            f"which exceeds the model's context length of {limit} tokens", "max_tokens"
+        )
+    if request.score_from is not None and not 1 <= request.score_from <= len(ids):
+        raise InvalidRequestError(
+            f"score_from must be in [1, {len(ids)}] (the prompt length), got {request.score_from!r}", "score_from"
+        )
 
 
 def is_user_error(exc: Exception) -> bool:

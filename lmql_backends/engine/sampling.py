@@ -54,25 +54,37 @@ def seeded_uniform(seed: int, position: int) -> float:
     return (splitmix64(splitmix64(seed & MASK) ^ position) >> 11) / float(1 << 53)
 
 
-def make_mask_processor(allowed: torch.Tensor) -> LogitsProcessor:
-    """A processor that sets every logit outside the boolean mask `allowed` to -inf."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskProcessor:
+    """Sets every logit outside the boolean mask `allowed` to -inf (picklable: it crosses to the engine process)."""
 
-    def apply_mask(ids, logits):
-        mask = pad_mask(allowed, logits.shape[-1])
+    allowed: torch.Tensor
+
+    def __call__(self, ids, logits: torch.Tensor) -> torch.Tensor:
+        mask = pad_mask(self.allowed, logits.shape[-1])
         return logits.masked_fill(~mask, float("-inf"))
 
-    return apply_mask
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BiasProcessor:
+    """Adds OpenAI-style logit_bias values (`values` at `token_ids`) to the logits."""
+
+    token_ids: torch.Tensor
+    values: torch.Tensor
+
+    def __call__(self, ids, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_add(0, self.token_ids, self.values.to(logits.dtype))
+
+
+def make_mask_processor(allowed: torch.Tensor) -> LogitsProcessor:
+    """A processor that sets every logit outside the boolean mask `allowed` to -inf."""
+    return MaskProcessor(allowed)
 
 
 def make_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
     """A processor adding OpenAI-style logit_bias values to the logits."""
     token_ids = torch.tensor(list(bias.keys()), dtype=torch.long)
-    values = torch.tensor(list(bias.values()), dtype=torch.float32)
-
-    def add_bias(ids, logits):
-        return logits.index_add(0, token_ids, values.to(logits.dtype))
-
-    return add_bias
+    return BiasProcessor(token_ids, torch.tensor(list(bias.values()), dtype=torch.float32))
 
 
 def pad_mask(mask: torch.Tensor, size: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import threading
 from aiohttp import web
 
 from ..engine import Engine, EngineConfig
+from ..engine.process import EngineProcess
 from ..errors import (
     AuthenticationError, EndpointNotFoundError, InvalidRequestError, MethodNotAllowedError, RequestTooLargeError,
 )
@@ -49,6 +50,8 @@ class ServerConfig:
     drain_seconds: float = 5.0
     engine: EngineConfig = EngineConfig()
     legacy_lookahead: bool = True
+    #: run the engine in a process of its own (see engine/process.py); False: a thread of this process
+    engine_process: bool = True
 
     def __post_init__(self):
         if not is_positive_int(self.max_body_bytes):
@@ -71,7 +74,7 @@ class ServerState:
 
     model_name: str
     loaded: LoadedModel
-    engine: Engine
+    engine: Engine | EngineProcess
     config: ServerConfig
 
     @property
@@ -181,7 +184,11 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "model": get_state(request).model_name})
+    """200 while the engine runs; 503 once it is gone (its process died), so a supervisor restarts the server."""
+    state = get_state(request)
+    if not state.engine.is_alive:
+        return web.json_response({"status": "engine stopped", "model": state.model_name}, status=503)
+    return web.json_response({"status": "ok", "model": state.model_name})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -198,13 +205,8 @@ async def drain_engine(app: web.Application) -> None:
     state = app[STATE]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.config.drain_seconds
-    while is_busy(state.engine) and loop.time() < deadline:
+    while state.engine.num_pending > 0 and loop.time() < deadline:
         await asyncio.sleep(DRAIN_POLL_SECONDS)
-
-
-def is_busy(engine: Engine) -> bool:
-    stats = engine.stats()
-    return stats.num_running + stats.num_waiting > 0
 
 
 async def stop_engine(app: web.Application) -> None:
@@ -213,10 +215,15 @@ async def stop_engine(app: web.Application) -> None:
 
 
 def make_state(model: str, config: ServerConfig, options: LoadOptions) -> ServerState:
-    """Load the model (once per process) and start its engine, ready before the port opens."""
-    loaded = load_model(model, options)
-    print(describe(loaded), flush=True)
-    engine = Engine(loaded, config.engine).start()
+    """Load the model and start its engine (in its own process or in a thread), ready before the port opens."""
+    if config.engine_process:
+        engine = EngineProcess(model, options, config.engine)
+        loaded = engine.wait_loaded()
+        print(engine.description, flush=True)
+    else:
+        loaded = load_model(model, options)
+        print(describe(loaded), flush=True)
+        engine = Engine(loaded, config.engine).start()
     if not engine.wait_ready(ENGINE_READY_SECONDS):  # requests would only wait in its queue meanwhile
         log.warning("the engine is still tuning itself after %s s; serving anyway", ENGINE_READY_SECONDS)
     return ServerState(model, loaded, engine, config)
@@ -281,7 +288,8 @@ def serve(
     model: str, *, host: str = "127.0.0.1", port: int = 8080, legacy: bool = False,
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
-    drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, **load_kwargs,
+    drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool = True,
+    **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
@@ -289,12 +297,15 @@ def serve(
     up to `drain_seconds`, cancel the rest, return); with ``background=True`` returns a started
     `ServerHandle` (``port=0`` picks a free port, read it from ``handle.port``). Bodies over
     `max_body_bytes` are refused with 413. ``legacy_lookahead=False`` turns off the legacy API's
-    lookahead (computing the likeliest next forward while the client chooses). Other keywords are load options (``cuda``, ``dtype``,
-    ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
+    lookahead (computing the likeliest next forward while the client chooses). The engine runs in a
+    process of its own (``engine_process=False``: in a thread of this process, where HTTP work and
+    the engine share one GIL). Other keywords are load options (``cuda``, ``dtype``, ``loader``,
+    ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
+        engine_process=engine_process,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

@@ -27,7 +27,8 @@ import torch
 from aiohttp import WSCloseCode, web
 
 from ..engine import PromptOutput, Request
-from ..engine.engine import are_in_vocabulary, are_plain_ints, yield_check
+from ..engine.engine import are_in_vocabulary, are_plain_ints
+from ..engine.streams import yield_check
 from ..errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
 from ..legacy_frames import load_json
 from .app import METRICS_SOURCES, STATE, get_state, read_body, text_error

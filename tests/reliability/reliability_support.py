@@ -15,6 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 from lmql_backends.engine import EngineConfig
+from lmql_backends.loader import load_model
 from lmql_backends.server.app import ServerHandle, serve
 
 MODEL = "builtin:tiny"
@@ -76,11 +77,12 @@ def sse_payloads(text: str) -> list[str]:
 
 
 def greedy_reference(loaded, ids: list[int], num_tokens: int) -> list[int]:
-    """Greedy continuation of `ids` computed straight from the model (no engine, no cache)."""
-    ids = list(ids)
+    """Greedy continuation of `ids` computed straight from the model (no engine, no cache), loaded
+    here: a server's engine process keeps its weights to itself."""
+    ids, model = list(ids), load_model(loaded.name).model
     with torch.no_grad():
         for _ in range(num_tokens):
-            logits = loaded.model(torch.tensor([ids])).logits[0, -1]
+            logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(torch.argmax(logits)))
     return ids[-num_tokens:]
 

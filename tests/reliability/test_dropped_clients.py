@@ -38,7 +38,8 @@ MAX_RSS_GROWTH_BYTES = 64 * 2**20
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server(engine=EngineConfig(max_num_seqs=64))
+    # these tests look inside the engine (its scheduler, cache and memory): it runs in a thread here
+    handle = start_server(engine=EngineConfig(max_num_seqs=64), engine_process=False)
     yield handle
     handle.stop()
 

@@ -50,14 +50,15 @@ class FailOnce:
 
 @pytest.fixture(scope="module")
 def new_server():
-    handle = start_server(engine=EngineConfig(max_num_seqs=2))
+    # faults are injected into the engine's runner, so the engine runs in a thread of this process
+    handle = start_server(engine=EngineConfig(max_num_seqs=2), engine_process=False)
     yield handle
     handle.stop()
 
 
 @pytest.fixture(scope="module")
 def legacy_server():
-    handle = start_server(legacy=True)
+    handle = start_server(legacy=True, engine_process=False)
     yield handle
     handle.stop()
 

@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmql_backends.loader import load_model
 from reliability_support import (
     json_leaves, json_values,
     MODEL, base_url, collect_legacy, legacy_error_text, legacy_forward_logits, new_client_id, start_server,
@@ -194,7 +195,7 @@ def test_every_accepted_sample_got_exactly_one_result(server, ledger):
 def test_after_the_fuzzing_a_forward_is_exactly_right(server):
     ids = [0, 464, 257, 1110]
     with torch.no_grad():
-        expected = server.state.loaded.model(torch.tensor([ids])).logits[0, -1]
+        expected = load_model(MODEL).model(torch.tensor([ids])).logits[0, -1]
     logits = torch.tensor(legacy_forward_logits(server, ids))
     assert torch.allclose(logits, expected, atol=1e-4)
     engine = server.state.engine  # idle once the lookahead started after that forward is done

@@ -12,6 +12,7 @@ import requests
 import torch
 
 from lmql_backends.legacy_frames import load_json
+from lmql_backends.loader import load_model
 from lmql_backends.server.legacy_api import ResultLimits, ResultStore, format_floats
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,7 +73,7 @@ def rejected(response: requests.Response) -> str:
 
 def reference_logits(server, ids: list[int]) -> torch.Tensor:
     """A plain transformers full forward of `ids` on the served model."""
-    model = server.state.loaded.model
+    model = load_model(server.state.loaded.name).model  # the server's engine process keeps its own copy
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0, -1].float()
 

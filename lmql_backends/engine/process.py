@@ -1,0 +1,222 @@
+"""A server's engine in a process of its own: `EngineProcess` is used exactly like `Engine`.
+
+The server process keeps HTTP, tokenization and request checks; the engine process (worker.py)
+keeps the model. Requests go there once; each engine step's outputs come back as one message,
+read by one thread here and handed to each request's `emit`. If the engine process dies,
+every request in flight fails with EngineError naming its exit code, and later ones at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Callable
+
+from ..errors import EngineError, OverloadedError, RequestCancelledError
+from ..loader import LoadedModel, LoadOptions, load_tokenizer
+from .delivery import Mailboxes
+from .engine import EngineConfig, EngineStats, check_request
+from .sequence import ErrorOutput, Output, Request
+from .streams import OutputStreams
+from .wire import Channel
+
+log = logging.getLogger("lmql_backends.engine.process")
+
+STOP_SECONDS = 30
+
+
+class EngineProcess(OutputStreams):
+    """The engine of `model` in a child process (started here, stopped by `stop`)."""
+
+    def __init__(self, model: str, options: LoadOptions, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.loaded: LoadedModel | None = None  # set by wait_loaded
+        self.num_threads: int | None = None
+        self._mailboxes = Mailboxes()
+        self._consumers: dict[str, tuple[Callable[[Output], None], bool]] = {}
+        self._lock = threading.Lock()
+        self._num_pending = 0
+        self._stats: EngineStats | None = None
+        self._facts: LoadedModel | BaseException | None = None  # what the engine process loaded, or why it could not
+        self.description = ""  # the loader's one-line summary of the model, as the engine process loaded it
+        self._is_loaded, self._is_ready = threading.Event(), threading.Event()
+        self._is_stopping = False
+        self._process, self._channel = spawn_worker()
+        self._channel.send("start", model, options, config, logging.getLogger("lmql_backends").getEffectiveLevel())
+        self._reader = threading.Thread(target=self._read, name="lmql-backends-engine-reader", daemon=True)
+        self._reader.start()
+        self._model, self._options = model, options
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def wait_loaded(self) -> LoadedModel:
+        """Wait until the engine process has loaded the model (raises its load error) and load the tokenizer."""
+        tokenizer, error = None, None
+        try:
+            tokenizer = load_tokenizer(self._model, self._options.tokenizer)  # meanwhile, the model loads there
+        except Exception as exc:
+            error = exc
+        self._is_loaded.wait()
+        if isinstance(self._facts, BaseException) or error is not None:
+            self.stop()
+            raise self._facts if isinstance(self._facts, BaseException) else error
+        self.loaded = dataclasses.replace(self._facts, tokenizer=tokenizer)
+        return self.loaded
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the engine thread over there has chosen its thread count and kernels."""
+        return self._is_ready.wait(timeout)
+
+    def stop(self) -> None:
+        """Cancel everything in flight and end the engine process (killed after STOP_SECONDS)."""
+        self._is_stopping = True
+        try:
+            self._channel.send("stop")
+        except OSError:
+            pass  # already gone
+        try:
+            self._process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.warning("the engine process did not stop within %s s; killing it", STOP_SECONDS)
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(STOP_SECONDS)
+        self._channel.close()
+
+    # ---- requests --------------------------------------------------------------------
+    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
+        """Validate `request` here and send it to the engine process; outputs go to `emit` (reader thread)."""
+        self.validate(request)
+        if self._is_stopping:
+            raise RequestCancelledError("the engine is shutting down")
+        if self._process.poll() is not None:
+            raise self._gone_error()
+        with self._lock:
+            if not request.is_speculative:
+                self._reserve_slot()
+            self._consumers[request.request_id] = (emit, request.is_speculative)
+        try:
+            self._channel.send("add", request)
+        except OSError:
+            self._forget(request.request_id)
+            raise self._gone_error() from None
+
+    def _reserve_slot(self) -> None:
+        if self._num_pending >= self.config.max_queue + self.config.max_num_seqs:
+            raise OverloadedError(f"the engine is at capacity ({self._num_pending} requests); retry later")
+        self._num_pending += 1
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (its consumer went away); nothing more reaches its `emit`."""
+        if self._forget(request_id):
+            try:
+                self._channel.send("abort", request_id)
+            except OSError:
+                pass  # the engine process is gone: nothing runs there any more
+
+    def _forget(self, request_id: str) -> bool:
+        """Drop a request's consumer and its slot; whether it was still there."""
+        with self._lock:
+            consumer = self._consumers.pop(request_id, None)
+            if consumer is not None and not consumer[1]:
+                self._num_pending -= 1
+        return consumer is not None
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the engine process still runs (False once it exited, whatever the cause)."""
+        return self._process.poll() is None
+
+    @property
+    def num_pending(self) -> int:
+        """Requests submitted and not yet finished (queued or running), speculative ones not counted."""
+        return self._num_pending
+
+    def validate(self, request: Request) -> None:
+        """InvalidRequestError (naming the field) unless `request` can run on this model."""
+        check_request(request, self.loaded.vocab_size, self.loaded.context_length)
+
+    def stats(self) -> EngineStats:
+        """The engine's statistics as of its last step with outputs (refreshed every 0.25 s while busy)."""
+        return self._stats
+
+    # ---- the reader thread -----------------------------------------------------------
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, *payload = self._channel.receive()
+                self._handle(kind, payload)
+            except (EOFError, OSError):
+                break
+            except Exception:  # a bug: nothing more can be trusted to arrive; end the process, fail the rest
+                log.exception("could not read the engine process's message; stopping it")
+                self._process.kill()
+                break
+        self._on_exit()
+
+    def _handle(self, kind: str, payload: list) -> None:
+        if kind == "outputs":
+            items, stats = payload
+            self._stats = stats or self._stats  # first: a consumer told "finished" sees the statistics after it
+            for request_id, output in items:
+                self._deliver(request_id, output)
+        elif kind == "loaded":
+            self._facts, self.description = payload
+            self._is_loaded.set()
+        elif kind == "failed":
+            self._facts = payload[0]
+            self._is_loaded.set()
+        elif kind == "ready":
+            self._stats = payload[0]
+            self.num_threads = self._stats.num_threads
+            self._is_ready.set()
+
+    def _deliver(self, request_id: str, output: Output) -> None:
+        consumer = self._consumers.get(request_id)
+        if consumer is None:
+            return  # aborted here while its outputs were on the way
+        if output.finish_reason is not None:
+            self._forget(request_id)
+        consumer[0](output)
+
+    def _on_exit(self) -> None:
+        """The engine process is gone: fail whatever still waits, unblock whoever waits to start."""
+        if self._facts is None:
+            self._facts = self._gone_error()
+        self._is_loaded.set()
+        error = self._gone_error()
+        with self._lock:
+            consumers, self._consumers, self._num_pending = list(self._consumers.values()), {}, 0
+        for emit, _ in consumers:
+            emit(ErrorOutput(error))
+
+    def _gone_error(self) -> Exception:
+        if self._is_stopping:
+            return RequestCancelledError("the engine stopped")
+        try:
+            code = self._process.wait(5)  # its socket closes just before it exits
+        except subprocess.TimeoutExpired:
+            code = None
+        return EngineError(f"the engine process exited unexpectedly (exit code {code}); restart the server")
+
+
+def spawn_worker() -> tuple[subprocess.Popen, Channel]:
+    """Start ``python -m lmql_backends.engine.worker FD`` with one end of a socket pair as FD."""
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
+    with theirs:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lmql_backends.engine.worker", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+        )
+    return process, Channel(Connection(ours.detach()))
+
+
+def package_root() -> str:
+    """The directory holding the lmql_backends package (so the child imports the same code)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
