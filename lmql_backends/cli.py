@@ -46,8 +46,9 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--legacy", action="store_true", help="serve the legacy LMQL 0.0.6.x API")
     serve.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                        help="legacy API: do not compute the likeliest next forward while the client chooses")
-    serve.add_argument("--no-engine-process", dest="engine_process", action="store_false",
-                       help="run the engine in a thread of the server process instead of a process of its own")
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the engine in a process of its own, or (--no-engine-process) in a thread of the "
+                            "server process (default: a process for the new API, a thread for --legacy)")
     serve.add_argument("--cuda", action="store_true", help="use the GPU(s) if available (device_map=auto)")
     serve.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32 on CPU)")
     serve.add_argument("--loader", choices=LOADERS, default=None, help="transformers (default), awq or gptq")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -151,3 +152,24 @@ def test_threads_model_impl_matmul_and_no_lookahead_flags_reach_the_server(serve
     for server in (process, other):
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+def engine_workers(process: subprocess.Popen) -> list[int]:
+    """Pids of the engine processes the server `process` started."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    return [int(pid) for pid in children if b"lmql_backends.engine.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("flags, has_worker", [
+    ((), True), (("--no-engine-process",), False), (("--legacy",), False), (("--legacy", "--engine-process"), True),
+])
+def test_engine_process_flag_and_default(serve_model, flags, has_worker):
+    port, process = serve_model(*flags)
+    workers = engine_workers(process)
+    assert len(workers) == (1 if has_worker else 0)
+    assert requests.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    for pid in workers:  # the engine process ended (and was reaped) before its server exited
+        assert not Path(f"/proc/{pid}").exists()

@@ -50,8 +50,13 @@ class ServerConfig:
     drain_seconds: float = 5.0
     engine: EngineConfig = EngineConfig()
     legacy_lookahead: bool = True
-    #: run the engine in a process of its own (see engine/process.py); False: a thread of this process
-    engine_process: bool = True
+    #: run the engine in a process of its own (engine/process.py) or in a thread of this one;
+    #: None: a process for the new API (many streams), a thread for the legacy API (one round trip per token)
+    engine_process: bool | None = None
+
+    @property
+    def is_engine_process(self) -> bool:
+        return (not self.legacy) if self.engine_process is None else self.engine_process
 
     def __post_init__(self):
         if not is_positive_int(self.max_body_bytes):
@@ -216,7 +221,7 @@ async def stop_engine(app: web.Application) -> None:
 
 def make_state(model: str, config: ServerConfig, options: LoadOptions) -> ServerState:
     """Load the model and start its engine (in its own process or in a thread), ready before the port opens."""
-    if config.engine_process:
+    if config.is_engine_process:
         engine = EngineProcess(model, options, config.engine)
         loaded = engine.wait_loaded()
         print(engine.description, flush=True)
@@ -288,7 +293,7 @@ def serve(
     model: str, *, host: str = "127.0.0.1", port: int = 8080, legacy: bool = False,
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
-    drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool = True,
+    drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
     **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
@@ -297,10 +302,11 @@ def serve(
     up to `drain_seconds`, cancel the rest, return); with ``background=True`` returns a started
     `ServerHandle` (``port=0`` picks a free port, read it from ``handle.port``). Bodies over
     `max_body_bytes` are refused with 413. ``legacy_lookahead=False`` turns off the legacy API's
-    lookahead (computing the likeliest next forward while the client chooses). The engine runs in a
-    process of its own (``engine_process=False``: in a thread of this process, where HTTP work and
-    the engine share one GIL). Other keywords are load options (``cuda``, ``dtype``, ``loader``,
-    ``tokenizer``, any ``from_pretrained`` argument).
+    lookahead (computing the likeliest next forward while the client chooses). ``engine_process``:
+    run the engine in a process of its own (True) or in a thread of this process, sharing its GIL
+    with the HTTP work (False); by default a process for the new API and a thread for the legacy
+    API, whose clients wait for one round trip per token. Other keywords are load options (``cuda``,
+    ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),

@@ -1,4 +1,5 @@
-"""The engine process dies under a running server (killed, as by the kernel's OOM killer).
+"""The engine in its own process under both APIs, and its death under a running server (killed,
+as by the kernel's OOM killer).
 
 Requests in flight end with a clean error naming the exit code, later ones are refused at once
 (never left waiting), and /health turns 503 so that a supervisor restarts the server.
@@ -12,9 +13,13 @@ import signal
 
 import pytest
 import requests
+import torch
+
+from lmql_backends.loader import load_model
 
 from reliability_support import (
-    MODEL, base_url, collect_legacy, new_client_id, openai_error, sse_payloads, start_server, wait_until,
+    MODEL, base_url, collect_legacy, legacy_forward_logits, new_client_id, openai_error, sse_payloads, start_server,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,8 +53,19 @@ def test_new_server_streams_end_with_an_error_event_and_health_turns_503():
         server.stop()
 
 
+def test_legacy_server_with_an_engine_process_serves_exact_logits():
+    server = start_server(legacy=True, engine_process=True)
+    try:
+        assert server.state.engine.is_alive and server.state.loaded.model is None
+        logits = torch.tensor(legacy_forward_logits(server, PROMPT))
+        expected = load_model(MODEL).model(torch.tensor([PROMPT])).logits[0, -1]
+        assert torch.allclose(logits, expected, atol=1e-4)
+    finally:
+        server.stop()
+
+
 def test_legacy_server_answers_an_error_result_for_each_waiting_sample():
-    server = start_server(legacy=True)
+    server = start_server(legacy=True, engine_process=True)
     try:
         client_id = new_client_id("crash")
         body = {"action": "forward", "client_id": client_id, "sample_id": 0, "input_ids": [PROMPT],
