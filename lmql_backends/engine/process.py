@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Callable
 
-from ..errors import EngineError, OverloadedError, RequestCancelledError
+from ..errors import EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
 from ..loader import LoadedModel, LoadOptions, load_tokenizer
 from .delivery import Mailboxes
 from .engine import EngineConfig, EngineStats, check_request
@@ -47,11 +48,24 @@ class EngineProcess(OutputStreams):
         self.description = ""  # the loader's one-line summary of the model, as the engine process loaded it
         self._is_loaded, self._is_ready = threading.Event(), threading.Event()
         self._is_stopping = False
+        self._model, self._options = model, options
         self._process, self._channel = spawn_worker()
-        self._channel.send("start", model, options, config, logging.getLogger("lmql_backends").getEffectiveLevel())
+        self._send_start(config)
         self._reader = threading.Thread(target=self._read, name="lmql-backends-engine-reader", daemon=True)
         self._reader.start()
-        self._model, self._options = model, options
+
+    def _send_start(self, config: EngineConfig) -> None:
+        level = logging.getLogger("lmql_backends").getEffectiveLevel()
+        try:
+            self._channel.send("start", self._model, self._options, config, level)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:  # what pickle raises for such values
+            self._process.kill()
+            self._process.wait()
+            self._channel.close()
+            raise InvalidRequestError(
+                f"a load option cannot be sent to the engine process ({exc}); pass plain values, "
+                f"or run the engine in this process (engine_process=False, --no-engine-process)"
+            ) from exc
 
     # ---- lifecycle -------------------------------------------------------------------
     def wait_loaded(self) -> LoadedModel:

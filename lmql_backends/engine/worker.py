@@ -1,6 +1,6 @@
 """The engine process: ``python -m lmql_backends.engine.worker FD`` runs one model's engine.
 
-A server with ``engine_process=True`` (the default of ``serve-model``) starts this process and
+A server with an engine process (the new API's default, ``--engine-process``) starts it and
 talks to it over the socket FD (messages in wire.py). The engine thread here shares the
 interpreter with nothing but this process's message reader, so the server's HTTP work no
 longer waits for the GIL between the ~100 torch operations of each step (as vLLM's API server

@@ -13,7 +13,9 @@ import torch
 from lmql_backends.engine import Engine, EngineConfig, PromptOutput, Request, SamplingParams, TokenOutput
 from lmql_backends.engine.process import EngineProcess
 from lmql_backends.engine.sampling import make_bias_processor, make_mask_processor
-from lmql_backends.errors import ContextLengthError, EngineError, ModelLoadError, OverloadedError, RequestCancelledError
+from lmql_backends.errors import (
+    ContextLengthError, EngineError, InvalidRequestError, ModelLoadError, OverloadedError, RequestCancelledError,
+)
 from lmql_backends.loader import LoadOptions, load_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -166,3 +168,9 @@ def test_a_crash_of_the_engine_process_fails_requests_instead_of_hanging(tiny_mo
     assert engine.num_pending == 0
     engine.stop()
 
+
+
+def test_a_load_option_that_cannot_cross_is_a_clear_error(tiny_model):
+    options = LoadOptions.make(some_option=lambda: None)  # a lambda does not pickle
+    with pytest.raises(InvalidRequestError, match="cannot be sent to the engine process.*engine_process=False"):
+        EngineProcess(tiny_model, options, EngineConfig())
