@@ -8,7 +8,9 @@ with N streams / with one stream. Target: 8 streams >= 3x one stream (continuous
 
 The same rounds also run through the engine in-process (no HTTP; rows marked ``in-process
 engine``, no target): the batching of the engine alone, apart from the server's per-token HTTP
-work, which shares the engine's Python interpreter (one GIL) in a `serve-model` process.
+work (a `serve-model` of the new API runs its engine in a process of its own, so that HTTP work
+and the engine do not share one GIL; the in-process engine shares this process's GIL with the
+streams' consumers).
 Rows marked ``model decode step`` (no target) time the runner's batched decode step alone
 (N sequences with pasts as long as the streams' midpoint, on the engine's thread count):
 tokens/s of one step of N sequences / of one sequence. That is the most continuous batching
