@@ -38,12 +38,11 @@ class EngineProcess(OutputStreams):
     def __init__(self, model: str, options: LoadOptions, config: EngineConfig = EngineConfig()):
         self.config = config
         self.loaded: LoadedModel | None = None  # set by wait_loaded
-        self.num_threads: int | None = None
         self._mailboxes = Mailboxes()
         self._consumers: dict[str, tuple[Callable[[Output], None], bool]] = {}
         self._lock = threading.Lock()
         self._num_pending = 0
-        self._stats: EngineStats | None = None
+        self._stats = EngineStats(**{field.name: 0 for field in dataclasses.fields(EngineStats)})  # until "ready"
         self._facts: LoadedModel | BaseException | None = None  # what the engine process loaded, or why it could not
         self.description = ""  # the loader's one-line summary of the model, as the engine process loaded it
         self._is_loaded, self._is_ready = threading.Event(), threading.Event()
@@ -156,7 +155,8 @@ class EngineProcess(OutputStreams):
         check_request(request, self.loaded.vocab_size, self.loaded.context_length)
 
     def stats(self) -> EngineStats:
-        """The engine's statistics as of its last step with outputs (refreshed every 0.25 s while busy)."""
+        """The engine's statistics as of its last step with outputs (refreshed every 0.25 s while
+        busy; zeros until the engine process is ready)."""
         return self._stats
 
     # ---- the reader thread -----------------------------------------------------------
@@ -187,7 +187,6 @@ class EngineProcess(OutputStreams):
             self._is_loaded.set()
         elif kind == "ready":
             self._stats = payload[0]
-            self.num_threads = self._stats.num_threads
             self._is_ready.set()
 
     def _deliver(self, request_id: str, output: Output) -> None:
@@ -196,7 +195,11 @@ class EngineProcess(OutputStreams):
             return  # aborted here while its outputs were on the way
         if output.finish_reason is not None:
             self._forget(request_id)
-        consumer[0](output)
+        try:
+            consumer[0](output)
+        except Exception:  # one broken consumer must not stop the outputs of the others
+            log.exception("could not deliver an output of request %s; aborting it", request_id)
+            self.abort(request_id)
 
     def _on_exit(self) -> None:
         """The engine process is gone: fail whatever still waits, unblock whoever waits to start."""

@@ -174,3 +174,21 @@ def test_a_load_option_that_cannot_cross_is_a_clear_error(tiny_model):
     options = LoadOptions.make(some_option=lambda: None)  # a lambda does not pickle
     with pytest.raises(InvalidRequestError, match="cannot be sent to the engine process.*engine_process=False"):
         EngineProcess(tiny_model, options, EngineConfig())
+
+
+def test_a_failing_consumer_is_aborted_and_the_others_go_on(engine_process):
+    def broken(output):
+        raise RuntimeError("consumer bug")
+
+    engine_process.submit(make_request(max_tokens=200), broken)
+    assert token_ids(collect(engine_process, make_request(max_tokens=5))) != []
+    assert engine_process.is_alive and engine_process.num_pending == 0
+
+
+def test_statistics_before_the_engine_is_ready_are_zeros(tiny_model):
+    engine = EngineProcess(tiny_model, LoadOptions(), EngineConfig(num_threads=1, matmul="blas"))
+    try:
+        stats = engine.stats()  # /metrics may ask before the engine process has tuned itself
+        assert stats.num_generated_tokens == 0 and stats.num_threads == 0
+    finally:
+        engine.stop()
