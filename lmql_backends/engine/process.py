@@ -8,6 +8,7 @@ every request in flight fails with EngineError naming its exit code, and later o
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -40,6 +41,7 @@ class EngineProcess(OutputStreams):
         self.loaded: LoadedModel | None = None  # set by wait_loaded
         self._mailboxes = Mailboxes()
         self._consumers: dict[str, tuple[Callable[[Output], None], bool]] = {}
+        self._unsent: list[Request] = []  # submitted in this event-loop iteration, sent at its end
         self._lock = threading.Lock()
         self._num_pending = 0
         self._stats = EngineStats(**{field.name: 0 for field in dataclasses.fields(EngineStats)})  # until "ready"
@@ -113,11 +115,34 @@ class EngineProcess(OutputStreams):
             if not request.is_speculative:
                 self._reserve_slot()
             self._consumers[request.request_id] = (emit, request.is_speculative)
+            self._unsent.append(request)
+            is_first = len(self._unsent) == 1
+        if is_first:
+            self._schedule_send()
+
+    def _schedule_send(self) -> None:
+        """Send at the end of this event-loop iteration, so that requests submitted together (the
+        choices of a completion) reach the engine in one message and start in one step."""
         try:
-            self._channel.send("add", request)
-        except OSError:
-            self._forget(request.request_id)
-            raise self._gone_error() from None
+            asyncio.get_running_loop().call_soon(self._send_unsent)
+        except RuntimeError:  # no event loop in this thread: send now
+            self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        with self._lock:
+            requests, self._unsent = self._unsent, []
+        if not requests:
+            return
+        try:
+            self._channel.send("add", requests)
+        except OSError:  # the engine process is gone (the reader may have failed the others already)
+            for request in requests:
+                self._fail_unsent(request.request_id)
+
+    def _fail_unsent(self, request_id: str) -> None:
+        consumer = self._consumers.get(request_id)
+        if consumer is not None and self._forget(request_id):
+            consumer[0](ErrorOutput(self._gone_error()))
 
     def _reserve_slot(self) -> None:
         if self._num_pending >= self.config.max_queue + self.config.max_num_seqs:
@@ -126,11 +151,18 @@ class EngineProcess(OutputStreams):
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its consumer went away); nothing more reaches its `emit`."""
-        if self._forget(request_id):
+        if self._forget(request_id) and not self._drop_unsent(request_id):
             try:
                 self._channel.send("abort", request_id)
             except OSError:
                 pass  # the engine process is gone: nothing runs there any more
+
+    def _drop_unsent(self, request_id: str) -> bool:
+        """Remove a request not sent yet; whether it was there (then the engine never hears of it)."""
+        with self._lock:
+            kept = [request for request in self._unsent if request.request_id != request_id]
+            is_dropped, self._unsent = len(kept) < len(self._unsent), kept
+        return is_dropped
 
     def _forget(self, request_id: str) -> bool:
         """Drop a request's consumer and its slot; whether it was still there."""

@@ -4,7 +4,8 @@ Pickling a torch tensor goes through its storage (~0.5 ms for GPT-2's 50257 logi
 as a numpy array it takes ~0.08 ms, so tensors cross as arrays and come back as tensors.
 
 Server → engine process: ``("start", model, LoadOptions, EngineConfig, log level)``,
-``("add", Request)``, ``("abort", request_id)``, ``("stop",)``.
+``("add", [Request, ...])`` (those submitted in one event-loop iteration), ``("abort", request_id)``,
+``("stop",)``.
 Engine process → server: ``("loaded", LoadedModel without model and tokenizer, description)`` or
 ``("failed", exception)``, then
 ``("ready", EngineStats)``, then ``("outputs", [(request_id, Output), ...], EngineStats | None)``

@@ -100,7 +100,8 @@ def serve_requests(channel: Channel, outbox: Outbox) -> None:
         except (EOFError, OSError):  # the server exited without saying stop
             kind = "stop"
         if kind == "add":
-            submit(engine, outbox, payload[0])
+            for request in payload[0]:  # all before the engine thread runs (this thread holds the GIL)
+                submit(engine, outbox, request)
         elif kind == "abort":
             engine.abort(payload[0])
         elif kind == "stop":

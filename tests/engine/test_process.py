@@ -192,3 +192,32 @@ def test_statistics_before_the_engine_is_ready_are_zeros(tiny_model):
         assert stats.num_generated_tokens == 0 and stats.num_threads == 0
     finally:
         engine.stop()
+
+
+def test_requests_submitted_together_start_in_one_step(engine_process):
+    async def four_choices():
+        requests = [make_request(prompt_ids=[5, 17, 99, 3 + i], max_tokens=20) for i in range(4)]
+        return await asyncio.gather(*(collect_async(engine_process, r) for r in requests))
+
+    assert [len(tokens) for tokens in asyncio.run(four_choices())] == [20] * 4
+    assert engine_process.stats().last_batch_size == 4  # admitted together, so they also end together
+
+
+def test_a_request_aborted_before_it_was_sent_never_reaches_the_engine(engine_process):
+    async def submit_both_abort_one():
+        outputs = []
+        kept, dropped = make_request(max_tokens=30), make_request(max_tokens=30)
+        engine_process.submit(kept, outputs.append)
+        engine_process.submit(dropped, outputs.append)
+        engine_process.abort(dropped.request_id)  # the same event-loop iteration: not sent yet
+        assert engine_process.num_pending == 1
+        for _ in range(600):  # bounded: at most ~30 s
+            if outputs and outputs[-1].finish_reason is not None:
+                break
+            await asyncio.sleep(0.05)
+        return outputs
+
+    before = engine_process.stats().num_generated_tokens
+    outputs = asyncio.run(submit_both_abort_one())
+    assert len(token_ids(outputs)) == 30 and outputs[-1].finish_reason == "length"
+    assert engine_process.stats().num_generated_tokens - before == 30  # the dropped one generated nothing
