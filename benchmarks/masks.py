@@ -22,7 +22,8 @@ import torch
 from lmql_backends.language import parse_query
 from lmql_backends.runtime.constraints import Progress, compile_constraints
 from lmql_backends.runtime.masks import regex_index
-from lmql_backends.runtime.tokens import byte_to_unicode, make_token_table
+from lmql_backends.byte_level import byte_to_unicode
+from lmql_backends.runtime.tokens import make_token_table
 
 CASES = {
     "STOPS_AT": '"[X]" where STOPS_AT(X, "\\n")',

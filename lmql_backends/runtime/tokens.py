@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..byte_level import unicode_to_byte
 from ..errors import InvalidRequestError
 
 INT_PATTERN = re.compile(rb" ?[0-9]+")
@@ -155,23 +156,12 @@ def is_byte_level(tokenizer) -> bool:
 @functools.lru_cache(maxsize=1)
 def byte_level_decoder():
     """A function from a byte-level BPE token string to its bytes."""
-    alphabet = {char: byte for byte, char in byte_to_unicode().items()}
+    alphabet = unicode_to_byte()
 
     def decode(piece: str) -> bytes:
         return bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode()
 
     return decode
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 bytes to printable unicode characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {b: chr(b) for b in printable}, 0
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def sentencepiece_bytes(piece: str) -> bytes:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import re
 
+from ..byte_level import unicode_to_byte
 from ..engine import PromptOutput, TokenOutput
 from .completions import ChoicePlan, CompletionRequest
 
@@ -125,14 +126,6 @@ def token_bytes(token: str) -> bytes | None:
     if all(c in table for c in token):
         return bytes(table[c] for c in token)
     return None
-
-
-@functools.cache
-def unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's byte-to-printable-character table (byte-level BPE)."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
 # ---- stop strings ------------------------------------------------------------------------

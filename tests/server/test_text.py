@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmql_backends.byte_level import unicode_to_byte
 from lmql_backends.loader import load_tokenizer
 from lmql_backends.server.text import (
     IncrementalDecoder, StopMatcher, TokenNamer, decode_all, decode_ids, has_plain_decode, token_bytes,
-    unicode_to_byte,
 )
 
 pytestmark = pytest.mark.timeout(60)
