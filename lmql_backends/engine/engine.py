@@ -133,8 +133,7 @@ class Engine(OutputStreams):
 
     def _reserve_slot(self) -> None:
         with self._pending_lock:
-            if self._num_pending >= self.config.max_queue + self.config.max_num_seqs:
-                raise OverloadedError(f"the engine is at capacity ({self._num_pending} requests); retry later")
+            check_capacity(self._num_pending, self.config)
             self._num_pending += 1
 
     def abort(self, request_id: str) -> None:
@@ -386,6 +385,12 @@ def are_token_ids(ids, vocab_size: int) -> bool:
 def are_in_vocabulary(ids, vocab_size: int) -> bool:
     """Whether every entry of the non-empty `ids` (ints) is in [0, vocab_size) (two C-speed passes)."""
     return min(ids) >= 0 and max(ids) < vocab_size
+
+
+def check_capacity(num_pending: int, config: EngineConfig) -> None:
+    """OverloadedError (429) when `num_pending` requests already fill the running slots and the queue."""
+    if num_pending >= config.max_queue + config.max_num_seqs:
+        raise OverloadedError(f"the engine is at capacity ({num_pending} requests); retry later")
 
 
 def check_request(request: Request, vocab_size: int, context_length: int) -> None:

@@ -20,10 +20,10 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Callable
 
-from ..errors import EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
+from ..errors import EngineError, InvalidRequestError, RequestCancelledError
 from ..loader import LoadedModel, LoadOptions, load_tokenizer
 from .delivery import Mailboxes
-from .engine import EngineConfig, EngineStats, check_request
+from .engine import EngineConfig, EngineStats, check_capacity, check_request
 from .sequence import ErrorOutput, Output, Request
 from .streams import OutputStreams
 from .wire import Channel
@@ -113,7 +113,8 @@ class EngineProcess(OutputStreams):
             raise self._gone_error()
         with self._lock:
             if not request.is_speculative:
-                self._reserve_slot()
+                check_capacity(self._num_pending, self.config)
+                self._num_pending += 1
             self._consumers[request.request_id] = (emit, request.is_speculative)
             self._unsent.append(request)
             is_first = len(self._unsent) == 1
@@ -143,11 +144,6 @@ class EngineProcess(OutputStreams):
         consumer = self._consumers.get(request_id)
         if consumer is not None and self._forget(request_id):
             consumer[0](ErrorOutput(self._gone_error()))
-
-    def _reserve_slot(self) -> None:
-        if self._num_pending >= self.config.max_queue + self.config.max_num_seqs:
-            raise OverloadedError(f"the engine is at capacity ({self._num_pending} requests); retry later")
-        self._num_pending += 1
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its consumer went away); nothing more reaches its `emit`."""
