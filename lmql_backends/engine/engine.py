@@ -124,16 +124,25 @@ class Engine(OutputStreams):
     def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
         """Validate and enqueue `request`; its outputs are passed to `emit` (any thread)."""
         self.validate(request)
+        self._enqueue(request, emit, is_checked=False)
+
+    def submit_checked(self, request: Request, emit: Callable[[Output], None]) -> None:
+        """Enqueue a request its caller has validated and counted against the capacity (the engine
+        process's handle, in the server process, whose count is the one that answers 429)."""
+        self._enqueue(request, emit, is_checked=True)
+
+    def _enqueue(self, request: Request, emit: Callable[[Output], None], is_checked: bool) -> None:
         if self._stopped.is_set():
             raise RequestCancelledError("the engine is shutting down")
         if not request.is_speculative:
-            self._reserve_slot()
+            self._count_pending(is_checked)
         self.start()
         self._inbox.put(("add", Sequence(request, emit)))
 
-    def _reserve_slot(self) -> None:
+    def _count_pending(self, is_checked: bool) -> None:
         with self._pending_lock:
-            check_capacity(self._num_pending, self.config)
+            if not is_checked:
+                check_capacity(self._num_pending, self.config)
             self._num_pending += 1
 
     def abort(self, request_id: str) -> None:

@@ -112,9 +112,9 @@ def serve_requests(channel: Channel, outbox: Outbox) -> None:
 
 def submit(engine: Engine, outbox: Outbox, request: Request) -> None:
     request_id = request.request_id
-    try:
-        engine.submit(request, lambda output: outbox.put(request_id, output))
-    except Exception as exc:  # the server validated it already; answer anyway, never drop a request
+    try:  # the server process validated it and counted it against the capacity
+        engine.submit_checked(request, lambda output: outbox.put(request_id, output))
+    except Exception as exc:  # the engine is stopping: answer anyway, never drop a request
         outbox.put(request_id, ErrorOutput(exc))
         outbox.flush()
 

@@ -221,3 +221,18 @@ def test_a_request_aborted_before_it_was_sent_never_reaches_the_engine(engine_pr
     outputs = asyncio.run(submit_both_abort_one())
     assert len(token_ids(outputs)) == 30 and outputs[-1].finish_reason == "length"
     assert engine_process.stats().num_generated_tokens - before == 30  # the dropped one generated nothing
+
+
+def test_the_server_process_alone_decides_capacity(tiny_model):
+    # a freed slot is free at once: the engine process must not refuse with a count that has not
+    # yet seen the abort sent just before (the server's 429 came from its own count only)
+    engine = EngineProcess(tiny_model, LoadOptions(), EngineConfig(num_threads=1, matmul="blas", max_num_seqs=1, max_queue=0))
+    try:
+        engine.wait_loaded()
+        for _ in range(5):
+            first = make_request(max_tokens=500)
+            engine.submit(first, lambda out: None)
+            engine.abort(first.request_id)
+        assert token_ids(collect(engine, make_request(max_tokens=3))) != []
+    finally:
+        engine.stop()
