@@ -285,13 +285,15 @@ def hand_greedy_loop(model, prompt: list[int], num_tokens: int) -> tuple[list[in
     """
     from transformers import DynamicCache
 
+    from lmql_backends.engine.runner import cache_keyword
+
     start = time.perf_counter()
-    cache = DynamicCache()
-    out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache, keyword = DynamicCache(), cache_keyword(model)
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True, **{keyword: cache}, logits_to_keep=1)
     tokens = [int(torch.argmax(out.logits[0, -1]))]
     first = time.perf_counter() - start
     for _ in range(num_tokens - 1):
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{keyword: cache}, logits_to_keep=1)
         tokens.append(int(torch.argmax(out.logits[0, -1])))
     return tokens, first, time.perf_counter() - start
 

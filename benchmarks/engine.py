@@ -113,12 +113,14 @@ def reference_tokens_per_second(model, prompt: list[int], max_tokens: int) -> fl
     """A plain transformers greedy loop with a DynamicCache, one token per forward."""
     from transformers import DynamicCache
 
+    from lmql_backends.engine.runner import cache_keyword
+
     start = time.perf_counter()
-    cache = DynamicCache()
-    out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache, keyword = DynamicCache(), cache_keyword(model)
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True, **{keyword: cache}, logits_to_keep=1)
     for _ in range(max_tokens - 1):
         token = torch.argmax(out.logits[:, -1], dim=-1, keepdim=True)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, use_cache=True, **{keyword: cache}, logits_to_keep=1)
     torch.argmax(out.logits[:, -1], dim=-1)
     return max_tokens / (time.perf_counter() - start)
 

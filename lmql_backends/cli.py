@@ -15,10 +15,9 @@ the unified diff (`--dry-run` writes nothing).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 
+from .console import configure_console
 from .errors import InvalidRequestError, LmqlBackendsError
 from .loader import DTYPES, LOADERS, MATMUL_CHOICES, MODEL_IMPLS, parse_flag_value
 
@@ -161,13 +160,8 @@ def run_query(args) -> None:
             print(f"  {name} = {value!r}")
 
 
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    warnings.formatwarning = one_line_warning
+    configure_console()
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
     try:

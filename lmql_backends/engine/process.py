@@ -231,6 +231,7 @@ class EngineProcess(OutputStreams):
 
     def _on_exit(self) -> None:
         """The engine process is gone: fail whatever still waits, unblock whoever waits to start."""
+        self._wait_exit_code()
         if self._facts is None:
             self._facts = self._gone_error()
         self._is_loaded.set()
@@ -240,14 +241,20 @@ class EngineProcess(OutputStreams):
         for emit, _ in consumers:
             emit(ErrorOutput(error))
 
+    def _wait_exit_code(self) -> None:
+        """Wait (on the reader thread, up to 5 s) for the exit the closed socket announced."""
+        try:
+            self._process.wait(5)  # its socket closes just before it exits
+        except subprocess.TimeoutExpired:
+            pass
+
     def _gone_error(self) -> Exception:
+        """The error of a request the engine process can no longer run (never waits: any thread)."""
         if self._is_stopping:
             return RequestCancelledError("the engine stopped")
-        try:
-            code = self._process.wait(5)  # its socket closes just before it exits
-        except subprocess.TimeoutExpired:
-            code = None
-        return EngineError(f"the engine process exited unexpectedly (exit code {code}); restart the server")
+        code = self._process.poll()
+        exit_code = "" if code is None else f" (exit code {code})"
+        return EngineError(f"the engine process exited unexpectedly{exit_code}; restart the server")
 
 
 def spawn_worker() -> tuple[subprocess.Popen, Channel]:

@@ -18,6 +18,7 @@ its store while its members stay the same; when membership changes, the pasts ar
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -137,14 +138,21 @@ class TransformersForward:
 
     def __init__(self, model):
         self.model = model
+        self.cache_keyword = cache_keyword(model)
 
     def __call__(self, ids, positions, padding, store: KVStore, past_len: int, all_logits: bool) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns (see NativeGpt2Forward)."""
         out = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=padding,
-            past_key_values=StoreCache(store, past_len), use_cache=True, logits_to_keep=0 if all_logits else 1,
+            input_ids=ids, position_ids=positions, attention_mask=padding, use_cache=True,
+            logits_to_keep=0 if all_logits else 1, **{self.cache_keyword: StoreCache(store, past_len)},
         )
         return out.logits
+
+
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` since transformers 5.24, ``past_key_values`` before
+    (5.24 still takes the old name, with a FutureWarning in every forward)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def make_forward(model, model_impl: str = "auto"):

@@ -15,10 +15,9 @@ import logging
 import signal
 import sys
 import time
-import warnings
 from multiprocessing.connection import Connection
 
-from ..cli import one_line_warning
+from ..console import configure_console
 from ..loader import LoadOptions, describe, load_model
 from .engine import Engine, EngineConfig
 from .sequence import ErrorOutput, Output, Request
@@ -67,8 +66,7 @@ def main(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
     channel = Channel(Connection(fd))
     _, model, options, config, log_level = channel.receive()
-    logging.basicConfig(level=log_level, format="%(message)s")  # as the server's own lines (cli.main)
-    warnings.formatwarning = one_line_warning
+    configure_console(log_level)  # as the server's own lines (cli.main)
     outbox = start_engine(channel, model, options, config)
     if outbox is None:
         return 1
