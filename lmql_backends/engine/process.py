@@ -104,9 +104,11 @@ class EngineProcess(OutputStreams):
         self._channel.close()
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
-        """Validate `request` here and send it to the engine process; outputs go to `emit` (reader thread)."""
-        self.validate(request)
+    def submit(self, request: Request, emit: Callable[[Output], None], is_validated: bool = False) -> None:
+        """Validate `request` here (unless the caller did: `is_validated`) and send it to the engine
+        process; outputs go to `emit` (reader thread)."""
+        if not is_validated:
+            self.validate(request)
         if self._is_stopping:
             raise RequestCancelledError("the engine is shutting down")
         if self._process.poll() is not None:

@@ -579,10 +579,13 @@ class RowForward:
 
     @classmethod
     def submit(cls, engine, ids: list[int], is_speculative: bool = False) -> "RowForward":
-        """Submit now: OverloadedError (or RequestCancelledError) is raised here, not later."""
+        """Submit now: OverloadedError (or RequestCancelledError) is raised here, not later.
+
+        A speculative row (a lookahead) is a validated row plus its argmax, within the context
+        (see Lookahead.start_after): the engine does not check its ids again."""
         row = cls(engine, Request(ids, return_logits=True, is_speculative=is_speculative), asyncio.Queue())
         emit = engine.emitter(asyncio.get_running_loop(), row.outputs.put_nowait, row.request.request_id)
-        engine.submit(row.request, emit)
+        engine.submit(row.request, emit, is_validated=is_speculative)
         return row
 
     async def next_token_logits(self) -> torch.Tensor:

@@ -64,8 +64,9 @@ class Lookahead:
 
     def take(self, client: str, row: Row) -> asyncio.Task | None:
         """The lookahead computed for exactly `row` (removed: each is used once), or None."""
-        self._check_prediction(client, row)
-        task = self.entries.pop(row, None)
+        prediction = self._check_prediction(client, row)
+        # the prediction is the entry's own key: found by identity, without comparing ~1000 ids again
+        task = self.entries.pop(row if prediction is None else prediction, None)
         if task is None:
             self.num_misses += 1
         else:
@@ -95,15 +96,19 @@ class Lookahead:
             forgotten, _ = self.predictions.popitem(last=False)
             self.scores.pop(forgotten, None)
 
-    def _check_prediction(self, client: str, row: Row) -> None:
-        """Score the client's prediction if `row` continues the same sequence; drop a wasted lookahead."""
+    def _check_prediction(self, client: str, row: Row) -> Row | None:
+        """Score the client's prediction if `row` continues the same sequence; drop a wasted lookahead.
+        Returns the prediction when `row` equals it."""
         prediction = self.predictions.get(client)
-        if prediction is None or len(prediction) != len(row) or prediction[:-1] != row[:-1]:
-            return
+        if prediction is None or len(prediction) != len(row):
+            return None
         is_hit = prediction == row
+        if not is_hit and prediction[:-1] != row[:-1]:  # another sequence: says nothing about the client
+            return None
         self.scores[client] = SCORE_DECAY * self.scores.get(client, 1.0) + (1 - SCORE_DECAY) * is_hit
         if not is_hit and prediction in self.entries:
             self.entries.pop(prediction).cancel()  # nobody will ask for it: free the engine
+        return prediction if is_hit else None
 
     def is_engine_idle(self) -> bool:
         return self.engine.num_pending < max(1, self.engine.config.max_num_seqs // 2)

@@ -402,6 +402,7 @@ def test_logits_encoding_round_trips_float32_exactly():
 @pytest.mark.parametrize("body", [
     b'{"sample_id": 1, "input_ids": [[0, 5, 7]], "client_id": "c"}',  # the fast path
     b'{"sample_id": 123456789012345678901234567890, "input_ids": [-9223372036854775809]}',  # beyond 64 bits
+    b'[18446744073709551616, 184467440737095516, 1e5, "12345678901234567890"]',  # 20 digits; 18 digits; a string
     b'{"sample_id": NaN, "x": Infinity}', b'["\\ud800"]', b'{"a": 1, "a": 2}',  # what orjson refuses, duplicates
 ])
 def test_bodies_are_read_exactly_as_json_reads_them(body):
