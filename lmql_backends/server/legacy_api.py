@@ -657,9 +657,15 @@ async def run_forward(app: web.Application, job: ForwardJob, waits: list) -> Job
         engine = app[STATE].engine
         for row, row_logits in zip(job.rows, logits):
             lookahead.start_after(
-                job.sample.client_key, row, row_logits, functools.partial(forward_row, engine, is_speculative=True)
+                job.sample.client_key, row, row_logits, functools.partial(start_forward, engine, is_speculative=True)
             )
     return JobResult("next_token_logits", LogitRows(tuple(logits), job.is_batched))
+
+
+def start_forward(engine, ids: list[int], is_speculative: bool = False) -> asyncio.Task:
+    """Submit `ids` now, before the caller's next await (a lookahead then starts before the answer
+    it follows is sent); the task of its raw next-token logits."""
+    return asyncio.ensure_future(RowForward.submit(engine, ids, is_speculative).next_token_logits())
 
 
 async def forward_row(engine, ids: list[int], is_speculative: bool = False) -> torch.Tensor:

@@ -20,9 +20,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 from typing import Awaitable, Callable
 
 import torch
+
+from ..errors import LmqlBackendsError
+
+log = logging.getLogger("lmql_backends.server.legacy")
 
 Row = tuple[int, ...]
 #: a client gets lookaheads while its running prediction score is at least this (it starts at 1)
@@ -30,7 +35,7 @@ MIN_SCORE = 0.5
 #: weight of the past in the score: 3 wrong predictions in a row stop the lookaheads of a client
 SCORE_DECAY = 0.75
 MAX_CLIENTS = 1024
-#: starts the engine forward of a row and returns its raw next-token logits
+#: starts the engine forward of a row (at once, or when awaited) and returns its raw next-token logits
 Forward = Callable[[list[int]], Awaitable[torch.Tensor]]
 
 
@@ -81,7 +86,11 @@ class Lookahead:
         if (token == self.eos_token_id or len(next_row) > self.context_length or next_row in self.entries
                 or self.scores.get(client, 1.0) < MIN_SCORE or not self.is_engine_idle()):
             return
-        task = asyncio.ensure_future(forward(list(next_row)))
+        try:
+            task = asyncio.ensure_future(forward(list(next_row)))
+        except LmqlBackendsError as exc:  # e.g. the engine is stopping: the answer goes out all the same
+            log.debug("no lookahead for client %s: %s", client, exc)
+            return
         task.add_done_callback(retrieve_exception)  # one nobody takes must not log "never retrieved"
         self.entries[next_row] = task
         self.num_started += 1

@@ -10,6 +10,7 @@ import requests
 import torch
 
 from lmql_backends.engine import EngineConfig
+from lmql_backends.errors import RequestCancelledError
 from lmql_backends.server.legacy_lookahead import Lookahead
 
 from test_legacy_api import assert_close, forward_once, prompt_ids, reference_logits
@@ -103,6 +104,16 @@ async def test_no_lookahead_when_busy_at_eos_or_at_the_context_limit(case):
     lookahead = Lookahead(engine, context_length=3 if case == "context full" else 100, eos_token_id=9)
     lookahead.start_after("a", (1, 2, 3), peaked_logits(9 if case == "eos" else 5), forward_of)
     assert lookahead.entries == {} and lookahead.num_started == 0
+
+
+async def test_a_forward_refused_when_started_leaves_no_lookahead_and_no_error():
+    def refused(ids: list[int]):  # a forward that submits at once, to an engine that is stopping
+        raise RequestCancelledError("the engine is shutting down")
+
+    lookahead = Lookahead(EngineLoad(), context_length=100, eos_token_id=None)
+    lookahead.start_after("a", (1, 2), peaked_logits(3), refused)
+    assert lookahead.entries == {} and lookahead.num_started == 0
+    assert lookahead.take("a", (1, 2, 3)) is None
 
 
 async def test_the_oldest_lookahead_is_cancelled_when_over_the_limit():
