@@ -36,11 +36,11 @@ class CacheHit:
     kv: KVCache | None
 
 
-def block_hashes(ids, num_blocks: int | None = None) -> list[int]:
-    """Chained hashes of the full blocks of `ids` (each hash covers the whole prefix)."""
-    count = len(ids) // BLOCK_SIZE if num_blocks is None else num_blocks
-    hashes, previous = [], 0
-    for b in range(count):
+def block_hashes(ids, known: tuple[int, ...] = ()) -> list[int]:
+    """Chained hashes of the full blocks of `ids` (each hash covers the whole prefix); `known`:
+    those of its first blocks, already computed (not recomputed)."""
+    hashes, previous = list(known), known[-1] if known else 0
+    for b in range(len(known), len(ids) // BLOCK_SIZE):
         previous = hash((previous, tuple(ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])))
         hashes.append(previous)
     return hashes
@@ -87,6 +87,7 @@ class PrefixCache:
         self.entries: collections.OrderedDict[int, CacheEntry] = collections.OrderedDict()
         self.by_block: dict[int, set[int]] = collections.defaultdict(set)
         self.by_first_token: dict[int, set[int]] = collections.defaultdict(set)
+        self.short_by_first_token: dict[int, set[int]] = collections.defaultdict(set)  # < one block
         self.by_ids: dict[tuple[int, ...], int] = {}  # no two entries hold the same ids (see insert)
         self.num_tokens = 0
         self.num_lookups = self.num_hits = self.num_hit_tokens = self.num_lookup_tokens = 0
@@ -141,11 +142,19 @@ class PrefixCache:
         return [(key, matched) for key in keys]
 
     def _overlapping(self, ids, hashes: tuple[int, ...]) -> list[tuple[int, int]]:
-        """Every entry sharing a first token with `ids` (so every one sharing blocks), with the
-        length known to match: its full blocks whose chained hashes equal those of `ids`."""
+        """Every entry that may be a prefix of `ids` or hold all of it, with the length known to
+        match: its full blocks whose chained hashes equal those of `ids`.
+
+        Such an entry shares the first block of `ids`, unless one of the two is shorter than a
+        block; so entries that merely start with the same token (e.g. BOS: often all of them)
+        are not scanned one by one.
+        """
+        if hashes:
+            keys = self.by_block.get(hashes[0], set()) | self.short_by_first_token.get(ids[0], set())
+        else:
+            keys = self.by_first_token.get(ids[0], ())
         entries = self.entries
-        return [(key, BLOCK_SIZE * num_equal_leading(entries[key].block_hashes, hashes))
-                for key in self.by_first_token.get(ids[0], ())]
+        return [(key, BLOCK_SIZE * num_equal_leading(entries[key].block_hashes, hashes)) for key in keys]
 
     def insert(self, ids, kv: KVCache) -> None:
         """Store the KV of `ids`, replacing stored entries that are prefixes of it.
@@ -157,7 +166,7 @@ class PrefixCache:
         ids = tuple(ids)
         if len(ids) == 0 or len(ids) > self.max_tokens:
             return
-        hashes = tuple(block_hashes(ids))
+        hashes = tuple(block_hashes(ids, self._known_hashes(ids)))
         prefixes = []
         for key, start in self._overlapping(ids, hashes):
             entry = self.entries[key]
@@ -173,6 +182,12 @@ class PrefixCache:
         self._store(CacheEntry(ids, detach_kv(kv), hashes), prefixes)
         self._evict()
 
+    def _known_hashes(self, ids: tuple[int, ...]) -> tuple[int, ...]:
+        """The block hashes of the entry holding ids[:-1], if any (the legacy protocol's usual case:
+        the sequence just run plus one token): the first blocks of `ids`, hashed once already."""
+        key = self.by_ids.get(ids[:-1])
+        return () if key is None else self.entries[key].block_hashes
+
     def _store(self, entry: CacheEntry, prefixes: list[int]) -> None:
         """Add `entry` in place of the stored entries that are prefixes of it (the longest keeps its key)."""
         prefixes.sort(key=lambda key: len(self.entries[key].ids))
@@ -187,6 +202,8 @@ class PrefixCache:
         """Put `entry` under the key of its stored prefix: only its new blocks join the index."""
         old = self.entries.pop(key)
         del self.by_ids[old.ids]
+        if len(old.ids) < BLOCK_SIZE <= len(entry.ids):
+            self._discard(self.short_by_first_token, old.ids[0], key)
         for h in entry.block_hashes[len(old.block_hashes):]:
             self.by_block[h].add(key)
         self.entries[key] = entry
@@ -199,6 +216,8 @@ class PrefixCache:
         for h in entry.block_hashes:
             self.by_block[h].add(key)
         self.by_first_token[entry.ids[0]].add(key)
+        if len(entry.ids) < BLOCK_SIZE:
+            self.short_by_first_token[entry.ids[0]].add(key)
         self.by_ids[entry.ids] = key
         self.num_tokens += len(entry.ids)
 
@@ -207,6 +226,8 @@ class PrefixCache:
         for h in entry.block_hashes:
             self._discard(self.by_block, h, key)
         self._discard(self.by_first_token, entry.ids[0], key)
+        if len(entry.ids) < BLOCK_SIZE:
+            self._discard(self.short_by_first_token, entry.ids[0], key)
         del self.by_ids[entry.ids]
         self.num_tokens -= len(entry.ids)
 

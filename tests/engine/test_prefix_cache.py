@@ -196,13 +196,16 @@ def test_token_bound_holds_under_many_inserts():
 
 def assert_indexes_match_entries(cache: PrefixCache) -> None:
     """Every index of `cache` is exactly what its entries imply (as if each had been added anew)."""
-    by_block, by_first = {}, {}
+    by_block, by_first, short_by_first = {}, {}, {}
     for key, entry in cache.entries.items():
         assert entry.block_hashes == tuple(block_hashes(entry.ids))
         for h in entry.block_hashes:
             by_block.setdefault(h, set()).add(key)
         by_first.setdefault(entry.ids[0], set()).add(key)
+        if len(entry.ids) < BLOCK_SIZE:
+            short_by_first.setdefault(entry.ids[0], set()).add(key)
     assert dict(cache.by_block) == by_block and dict(cache.by_first_token) == by_first
+    assert dict(cache.short_by_first_token) == short_by_first
     assert cache.by_ids == {entry.ids: key for key, entry in cache.entries.items()}
     assert cache.num_tokens == sum(len(entry.ids) for entry in cache.entries.values())
 
@@ -245,6 +248,24 @@ def test_replacing_several_prefixes_keeps_the_indexes_exact():
     assert_indexes_match_entries(cache)
     cache.insert(base, make_growable_kv(base))  # same ids, a KV that can grow: replaces the entry
     assert len(cache.entries) == 2
+    assert_indexes_match_entries(cache)
+
+
+def test_an_insert_weighs_only_entries_sharing_its_first_block_or_shorter_than_a_block():
+    """Sequences that all start with BOS: an insert must not compare itself with every one of them."""
+    cache = PrefixCache(100_000)
+    for start in range(50):
+        stored(cache, [0] + seq(100 * start + 1, 40))  # BOS, then a different first block each
+    stored(cache, [0, 5001, 5002])  # short: a prefix of the next one
+    ids = [0] + seq(101, 40) + [9, 9]  # extends the second entry
+    hashes = tuple(block_hashes(ids))
+    weighed = {tuple(cache.entries[key].ids) for key, _ in cache._overlapping(ids, hashes)}
+    assert weighed == {tuple([0] + seq(101, 40)), (0, 5001, 5002)}
+    stored(cache, ids)
+    assert tuple(ids) in cache.by_ids and tuple([0] + seq(101, 40)) not in cache.by_ids
+    assert len(cache.entries) == 51
+    stored(cache, [0, 5001, 5002] + seq(7000, 20))  # the short entry grows past a block
+    assert len(cache.entries) == 51
     assert_indexes_match_entries(cache)
 
 
