@@ -137,6 +137,14 @@ def load_context_length(name: str) -> int | None:
 
 
 def _load_uncached(name: str, options: LoadOptions) -> LoadedModel:
+    loaded = with_tokenizer(load_weights(name, options), load_tokenizer(name, options.tokenizer))
+    log.debug(describe(loaded))
+    return loaded
+
+
+def load_weights(name: str, options: LoadOptions) -> LoadedModel:
+    """Load the model alone (no tokenizer; BOS/EOS from its config): what an engine process needs.
+    Not cached: `load_model` is the cached entry point."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
@@ -148,9 +156,7 @@ def _load_uncached(name: str, options: LoadOptions) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     model.eval()
-    loaded = make_loaded_model(name, model, load_tokenizer(name, options.tokenizer))
-    log.debug(describe(loaded))
-    return loaded
+    return make_loaded_model(name, model)
 
 
 def make_from_pretrained_kwargs(path: str, options: LoadOptions) -> dict[str, Any]:
@@ -217,16 +223,22 @@ def is_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_loaded_model(name: str, model, tokenizer) -> LoadedModel:
-    """Collect the facts about a loaded model that the engine and clients need."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+def make_loaded_model(name: str, model) -> LoadedModel:
+    """Collect the facts about a loaded model that the engine and clients need (no tokenizer yet)."""
     param = next(model.parameters())
     return LoadedModel(
-        name=name, model=model, tokenizer=tokenizer, bos_token_id=bos, eos_token_id=eos,
-        vocab_size=output_vocab_size(model), context_length=context_length(model.config),
-        device=str(param.device), dtype=str(param.dtype).replace("torch.", ""),
+        name=name, model=model, tokenizer=None, bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id, vocab_size=output_vocab_size(model),
+        context_length=context_length(model.config), device=str(param.device),
+        dtype=str(param.dtype).replace("torch.", ""),
     )
+
+
+def with_tokenizer(loaded: LoadedModel, tokenizer) -> LoadedModel:
+    """`loaded` with its tokenizer, whose BOS/EOS ids win over the model config's."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else loaded.bos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else loaded.eos_token_id
+    return dataclasses.replace(loaded, tokenizer=tokenizer, bos_token_id=bos, eos_token_id=eos)
 
 
 def output_vocab_size(model) -> int:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from lmql_backends import loader
 from lmql_backends.errors import InvalidRequestError, MissingExtraError, ModelLoadError
-from lmql_backends.loader import LoadOptions, load_model, make_from_pretrained_kwargs, parse_flag_value
+from lmql_backends.loader import (
+    LoadOptions, load_model, load_weights, make_from_pretrained_kwargs, parse_flag_value, with_tokenizer,
+)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -96,3 +99,17 @@ def test_unknown_from_pretrained_keyword_fails_at_load_with_transformers_message
 def test_reserved_prefix_never_falls_through_to_the_hub():
     with pytest.raises(ModelLoadError, match="builtin:tiny"):
         load_model("builtin:huge")
+
+
+def test_weights_load_without_a_tokenizer_and_the_tokenizers_bos_eos_win(gpt2_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(gpt2_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "bos_token_id": 5, "eos_token_id": 7}))
+    weights = load_weights(str(model_dir), LoadOptions())  # what an engine process loads
+    assert weights.tokenizer is None and (weights.bos_token_id, weights.eos_token_id) == (5, 7)
+    full = load_model(str(model_dir))
+    tokenizer_ids = (full.tokenizer.bos_token_id, full.tokenizer.eos_token_id)
+    assert None not in tokenizer_ids and tokenizer_ids != (5, 7)
+    assert (full.bos_token_id, full.eos_token_id) == tokenizer_ids
+    assert with_tokenizer(weights, full.tokenizer).eos_token_id == full.eos_token_id

@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Callable
 
 from ..errors import EngineError, InvalidRequestError, RequestCancelledError
-from ..loader import LoadedModel, LoadOptions, load_tokenizer
+from ..loader import LoadedModel, LoadOptions, load_tokenizer, with_tokenizer
 from .delivery import Mailboxes
 from .engine import EngineConfig, EngineStats, check_capacity, check_request
 from .sequence import ErrorOutput, Output, Request
@@ -80,7 +80,7 @@ class EngineProcess(OutputStreams):
         if isinstance(self._facts, BaseException) or error is not None:
             self.stop()
             raise self._facts if isinstance(self._facts, BaseException) else error
-        self.loaded = dataclasses.replace(self._facts, tokenizer=tokenizer)
+        self.loaded = with_tokenizer(self._facts, tokenizer)
         return self.loaded
 
     def wait_ready(self, timeout: float | None = None) -> bool:

@@ -18,7 +18,7 @@ import time
 from multiprocessing.connection import Connection
 
 from ..console import configure_console
-from ..loader import LoadOptions, describe, load_model
+from ..loader import LoadOptions, describe, load_weights
 from .engine import Engine, EngineConfig
 from .sequence import ErrorOutput, Output, Request
 from .wire import Channel
@@ -77,11 +77,11 @@ def main(fd: int) -> int:
 def start_engine(channel: Channel, model: str, options: LoadOptions, config: EngineConfig) -> Outbox | None:
     """Load the model and start its engine thread; None (the server is told why) when loading fails."""
     try:
-        loaded = load_model(model, options)
+        loaded = load_weights(model, options)  # the server process has the tokenizer
     except Exception as exc:
         channel.send("failed", exc)
         return None
-    channel.send("loaded", dataclasses.replace(loaded, model=None, tokenizer=None), describe(loaded))
+    channel.send("loaded", dataclasses.replace(loaded, model=None), describe(loaded))
     outbox = Outbox(channel)
     engine = outbox.engine = Engine(loaded, config, after_step=outbox.flush)
     engine.start().wait_ready()
