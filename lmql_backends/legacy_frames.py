@@ -18,6 +18,12 @@ import numpy
 import orjson
 
 HEADER_LENGTH = struct.Struct("<I")
+#: on /queue answers: the server's channel takes ``input_ids_after`` (extension 17)
+APPEND_HEADER = "X-Input-Ids-After"
+#: a forward's field on the channel: its input_ids follow the row of this earlier sample_id
+AFTER_FIELD = "input_ids_after"
+#: starts the refusal of an ``input_ids_after`` the channel cannot resolve (a client then resends the whole row)
+UNKNOWN_BASE_TEXT = "input_ids_after names a sample this channel does not hold"
 #: digits enough for an integer beyond 64 bits (see load_json)
 NUM_LONG_DIGITS = 19
 #: every ASCII digit becomes "0", every other byte " " (a C-speed pass; a regex took 13x longer)

@@ -32,7 +32,7 @@ import orjson
 import torch
 
 from ..engine.sampling import SamplingParams, make_mask_processor, select_token
-from ..legacy_frames import decode_logits_frame, load_json
+from ..legacy_frames import AFTER_FIELD, APPEND_HEADER, UNKNOWN_BASE_TEXT, decode_logits_frame, load_json
 from ..loader import load_context_length
 from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, InvalidRequestError,
@@ -73,6 +73,23 @@ class Channel:
     socket: aiohttp.ClientWebSocketResponse
     reader: asyncio.Task | None = None
     sample_ids: set[int] = dataclasses.field(default_factory=set)
+    #: the row of the last forward answered on this channel and its sample_id (what the next
+    #: forward's ``input_ids_after`` names, extension 17)
+    last_row: list[int] | None = None
+    last_sample_id: int | None = None
+
+    def shortened(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` with only the ids after the last answered row, if its one row continues it."""
+        row, last = one_row(body), self.last_row
+        if row is None or last is None or len(row) <= len(last) or row[:len(last)] != last:
+            return body
+        return {**body, "input_ids": [row[len(last):]], AFTER_FIELD: self.last_sample_id}
+
+    def remember(self, body: dict[str, Any]) -> None:
+        """Note an answered forward's row (the base of the next one)."""
+        row = one_row(body)
+        if row is not None:
+            self.last_row, self.last_sample_id = row, body["sample_id"]
 
     def waiting(self, pending: dict[int, asyncio.Future]) -> dict[int, asyncio.Future]:
         """The futures of samples sent over this channel that still wait."""
@@ -95,21 +112,26 @@ class LegacyTransport:
         self.supports_long_poll: bool | None = None  # unknown until the first /results answer
         self.supports_inline_wait = False  # until a /queue answer says so
         self.socket_path: str | None = None  # the server's channel, once a /queue answer names it
+        self.supports_append = False  # its channel takes input_ids_after (a /queue answer says so)
         self._sample_ids = itertools.count()
         self._connection: Connection | None = None
 
     async def forward(self, ids: list[int]) -> list[float]:
-        """The raw next-token logits after `ids` (sent as ``[[...ids]]``, as the original client did)."""
-        result = await self.call({
-            "action": "forward", "input_ids": [list(ids)], "attention_mask": None,
-            "model_identifier": self.model_name,
-        })
+        """The raw next-token logits after `ids` (sent as ``[[...ids]]``, as the original client did;
+        on the channel, only the ids after the last answered row, when they continue it)."""
+        body = {"action": "forward", "input_ids": [list(ids)], "attention_mask": None, "model_identifier": self.model_name}
+        try:
+            result = await self.call(body, may_shorten=True)
+        except BackendResponseError as exc:
+            if UNKNOWN_BASE_TEXT not in str(exc):
+                raise
+            result = await self.call(body)  # the channel no longer holds that row: send all of it
         logits = result["next_token_logits"]
         if isinstance(logits, numpy.ndarray):  # from the channel: shape [1, V]
             return logits[0] if logits.ndim == 2 else logits
         return logits[0] if logits and isinstance(logits[0], list) else logits
 
-    async def call(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, body: dict[str, Any], may_shorten: bool = False) -> dict[str, Any]:
         """POST one action and wait for its result (at most ``chunk_timeout`` seconds).
 
         Against lmql-backends servers (``X-Inline-Wait: 1`` on a /queue answer) the POST itself
@@ -124,7 +146,7 @@ class LegacyTransport:
         try:
             channel = await self._channel(connection)
             if channel is not None:
-                return await self._call_over(channel, body, future)
+                return await self._call_over(channel, body, future, may_shorten and self.supports_append)
             if not self.supports_inline_wait:
                 self._ensure_collector(connection)
             answer = await self._post(connection, body)
@@ -158,6 +180,7 @@ class LegacyTransport:
                     raise self.response_error(resp.status, await resp.text(), detail)
                 self.supports_inline_wait = resp.headers.get(INLINE_WAIT_HEADER) == "1"
                 self.socket_path = resp.headers.get(SOCKET_HEADER) if self.use_socket else None
+                self.supports_append = resp.headers.get(APPEND_HEADER) == "1"
                 answer = load_json(await resp.read()) if resp.headers.get(INLINE_HEADER) == "1" else {}
         if not isinstance(answer, dict) or ("result" in answer and not isinstance(answer["result"], dict)):
             raise BackendResponseError(f"the legacy server at {self.base_url} sent an invalid /queue answer")
@@ -251,13 +274,16 @@ class LegacyTransport:
                 self.socket_path, self.use_socket = None, False  # for good: later answers name it again
                 return None
 
-    async def _call_over(self, channel: Channel, body: dict[str, Any], future: asyncio.Future) -> dict[str, Any]:
+    async def _call_over(self, channel: Channel, body: dict[str, Any], future: asyncio.Future,
+                         may_shorten: bool) -> dict[str, Any]:
         sample_id = body["sample_id"]
         channel.sample_ids.add(sample_id)
         try:
             async with translating_errors(self):
-                await channel.socket.send_bytes(orjson.dumps(body))
-            return await self._wait_for(future, sample_id)
+                await channel.socket.send_bytes(orjson.dumps(channel.shortened(body) if may_shorten else body))
+            result = await self._wait_for(future, sample_id)
+            channel.remember(body)
+            return result
         finally:
             channel.sample_ids.discard(sample_id)
 
@@ -320,6 +346,12 @@ def decode_message(message: aiohttp.WSMessage) -> Any:
     if message.type == aiohttp.WSMsgType.BINARY:
         return decode_logits_frame(message.data)
     return load_json(message.data)
+
+
+def one_row(body: dict[str, Any]) -> list[int] | None:
+    """The row of a one-row forward action (``input_ids: [[...]]``), else None."""
+    ids = body.get("input_ids") if body.get("action") == "forward" else None
+    return ids[0] if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], list) else None
 
 
 def has_waiters(pending: dict[int, asyncio.Future]) -> bool:

@@ -30,7 +30,7 @@ from ..engine import PromptOutput, Request
 from ..engine.engine import are_in_vocabulary, are_plain_ints
 from ..engine.streams import yield_check
 from ..errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
-from ..legacy_frames import load_json
+from ..legacy_frames import AFTER_FIELD, APPEND_HEADER, load_json
 from .app import METRICS_SOURCES, STATE, get_state, read_body, text_error
 from .completions import is_valid_unicode
 from .legacy_lookahead import Lookahead
@@ -330,7 +330,7 @@ async def handle_queue(request: web.Request) -> web.Response:
     start_job(request.app, job, work, http_delivery(request.app, inline))
     head = json.dumps({"sample_id": job.sample.sample_id})
     result = await wait_inline(inline, wait, request.app[LEGACY].store, job.sample) if inline else None
-    headers = {INLINE_WAIT_HEADER: "1", SOCKET_HEADER: SOCKET_PATH}
+    headers = {INLINE_WAIT_HEADER: "1", SOCKET_HEADER: SOCKET_PATH, APPEND_HEADER: "1"}
     if result is None:
         return web.Response(body=head.encode(), content_type="application/json", headers=headers)
     body = head[:-1].encode() + b', "result": ' + result + b"}"
@@ -391,16 +391,25 @@ def parse_payload(body: bytes | str) -> dict:
     return payload
 
 
-def parse_job(payload: dict, request: web.Request) -> Job:
+def parse_job(payload: dict, request: web.Request, base: tuple[int, ...] | None = None) -> Job:
+    """The typed job of an action. `base`: the row its ``input_ids_after`` names (extension 17),
+    resolved by the WebSocket channel; None where the field is not accepted (``POST /queue``)."""
     action = payload["action"]
     parse = ACTION_PARSERS.get(action) if isinstance(action, str) else None
     if parse is None:
         raise InvalidRequestError(f"Unknown action: {action}", "action")
-    return parse(payload, request)
+    if AFTER_FIELD not in payload:
+        return parse(payload, request)
+    if base is None:
+        raise MalformedFieldError(f"{AFTER_FIELD} is only accepted on the WebSocket channel ({SOCKET_PATH})")
+    if action != "forward":
+        raise MalformedFieldError(f"{AFTER_FIELD} is only accepted on forward actions, not {action!r}")
+    return parse_forward(payload, request, base)
 
 
-def parse_forward(payload: dict, request: web.Request) -> ForwardJob:
-    """Fields in the order the original server read them (so the same error wins)."""
+def parse_forward(payload: dict, request: web.Request, base: tuple[int, ...] = ()) -> ForwardJob:
+    """Fields in the order the original server read them (so the same error wins). `base`: a
+    checked row that the one row of `input_ids` follows (extension 17): only new ids are checked."""
     state = get_state(request)
     input_ids = require(payload, "input_ids")
     mask = payload.get("attention_mask")
@@ -409,9 +418,18 @@ def parse_forward(payload: dict, request: web.Request) -> ForwardJob:
         raise InvalidRequestError(f"The inference API serves model {state.model_name} not {model}.", "model_identifier")
     sample = make_sample(payload, request)
     rows, is_batched = make_rows(input_ids, mask)
+    if base:
+        rows = appended_rows(base, rows, mask)
     for index, row in enumerate(rows):
-        check_row(row, row_name(index, is_batched), state.loaded.vocab_size, state.loaded.context_length)
+        check_row(row, row_name(index, is_batched), state.loaded.vocab_size, state.loaded.context_length, len(base))
     return ForwardJob(sample, rows, is_batched)
+
+
+def appended_rows(base: tuple[int, ...], rows: tuple[tuple[int, ...], ...], mask: Any) -> tuple[tuple[int, ...]]:
+    """The one row of `rows` after `base` (``input_ids_after``)."""
+    if len(rows) != 1 or mask is not None:
+        raise MalformedFieldError(f"with {AFTER_FIELD}, send one row of new token ids and a null attention_mask")
+    return (base + rows[0],)
 
 
 def parse_tokenize(payload: dict, request: web.Request) -> TokenizeJob:
@@ -504,8 +522,9 @@ def row_name(index: int, is_batched: bool) -> str:
     return f"input_ids row {index}" if is_batched else "input_ids"
 
 
-def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: int) -> None:
-    """Reject rows the engine cannot run, naming the limit and the fix."""
+def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: int, num_checked: int = 0) -> None:
+    """Reject rows the engine cannot run, naming the limit and the fix (the first `num_checked`
+    ids were checked before: an earlier row of the channel)."""
     if not row:
         raise InvalidRequestError(
             f"{name} is empty (after removing attention_mask padding); send at least 1 token id", "input_ids"
@@ -515,7 +534,7 @@ def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: 
             f"{name} has {len(row)} tokens, more than the model's context length of {context_length} "
             f"tokens; send at most {context_length} tokens", "input_ids"
         )
-    check_vocabulary(row, name, vocab_size)
+    check_vocabulary(row[num_checked:] if num_checked else row, name, vocab_size)
 
 
 def check_vocabulary(ids, name: str, vocab_size: int) -> None:

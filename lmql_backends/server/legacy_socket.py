@@ -16,28 +16,35 @@ exactly one message back:
   ``{"sample_id", "status", "error"}`` (plus ``"detail"`` for ``Bad request.``).
 
 A result whose channel closed before it was ready goes to ``/results`` (no sample is lost).
+
+A forward on the channel may name an earlier one-row forward of the same channel in
+``input_ids_after`` and send only the ids that follow its row (extension 17, ``RowHistory``).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from ..errors import LmqlBackendsError
-from ..legacy_frames import encode_logits_frame
+from ..legacy_frames import AFTER_FIELD, UNKNOWN_BASE_TEXT, encode_logits_frame
 from .app import get_state
 from .errors import classify
 from .legacy_api import (
-    BAD_REQUEST_TEXT, LEGACY, JobResult, LogitRows, MalformedFieldError, Sample, begin_job, encode_json_result,
-    encode_result, error_text, parse_job, parse_payload, start_job,
+    BAD_REQUEST_TEXT, LEGACY, ForwardJob, JobResult, LogitRows, MalformedFieldError, Sample, begin_job,
+    encode_json_result, encode_result, error_text, parse_job, parse_payload, start_job,
 )
 
 log = logging.getLogger("lmql_backends.server.legacy")
 
 #: seconds a closing channel waits for the client's close reply
 CLOSE_TIMEOUT_SECONDS = 2.0
+#: one-row forwards whose rows a channel keeps for ``input_ids_after`` (at most ~8 KB each)
+NUM_KEPT_ROWS = 1024
 
 
 async def handle_socket(request: web.Request) -> web.WebSocketResponse:
@@ -47,27 +54,61 @@ async def handle_socket(request: web.Request) -> web.WebSocketResponse:
     await socket.prepare(request)
     sockets = request.app[LEGACY].sockets
     sockets.add(socket)
+    rows = RowHistory()
     try:
         async for message in socket:
             if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                await receive_action(request, socket, message.data)
+                await receive_action(request, socket, message.data, rows)
     finally:
         sockets.discard(socket)
     return socket
 
 
-async def receive_action(request: web.Request, socket: web.WebSocketResponse, data: bytes | str) -> None:
-    """Validate and start one action, exactly as ``POST /queue`` does; a refusal is answered at once."""
+async def receive_action(request: web.Request, socket: web.WebSocketResponse, data: bytes | str,
+                         rows: RowHistory) -> None:
+    """Validate and start one action, exactly as ``POST /queue`` does (plus ``input_ids_after``,
+    resolved against `rows`); a refusal is answered at once."""
     sample_id = None
     try:
         payload = parse_payload(data)
         sample_id = payload["sample_id"]
-        job = parse_job(payload, request)
+        job = parse_job(payload, request, rows.base_of(payload))
         work = begin_job(request.app, job)
     except LmqlBackendsError as exc:
         await send_quietly(socket, refusal(sample_id, exc))
         return
+    rows.remember(sample_id, job)
     start_job(request.app, job, work, socket_delivery(request.app, socket))
+
+
+class RowHistory:
+    """The rows of a channel's last accepted one-row forwards, by sample_id: what a later forward's
+    ``input_ids_after`` names, so that it sends only its new ids (extension 17)."""
+
+    def __init__(self, max_rows: int = NUM_KEPT_ROWS):
+        self.max_rows = max_rows
+        self.rows: collections.OrderedDict[Any, tuple[int, ...]] = collections.OrderedDict()
+
+    def remember(self, sample_id: Any, job) -> None:
+        if isinstance(job, ForwardJob) and len(job.rows) == 1 and type(sample_id) in (int, str):
+            self.rows[sample_id] = job.rows[0]
+            self.rows.move_to_end(sample_id)
+            if len(self.rows) > self.max_rows:
+                self.rows.popitem(last=False)
+
+    def base_of(self, payload: dict) -> tuple[int, ...]:
+        """The row ``input_ids_after`` names, () when the field is absent; MalformedFieldError
+        (naming the fix) when this channel does not hold it."""
+        if AFTER_FIELD not in payload:
+            return ()
+        key = payload[AFTER_FIELD]
+        row = self.rows.get(key) if type(key) in (int, str) else None
+        if row is None:
+            raise MalformedFieldError(
+                f"{UNKNOWN_BASE_TEXT} ({json.dumps(key)[:40]}; it keeps the rows of its last "
+                f"{self.max_rows} forwards); send the whole sequence in input_ids"
+            )
+        return row
 
 
 def refusal(sample_id, exc: LmqlBackendsError) -> str:

@@ -160,6 +160,59 @@ async def test_after_its_first_request_the_client_moves_to_the_channel(legacy, i
     assert legacy.transport._connection.channel is channel
 
 
+def spy_on_sends(legacy, monkeypatch) -> list[dict]:
+    """The action bodies the client sends on its channel from now on."""
+    socket, sent = legacy.transport._connection.channel.socket, []
+    real_send = socket.send_bytes
+
+    async def send_bytes(data: bytes, *args, **kwargs):
+        sent.append(json.loads(data))
+        return await real_send(data, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "send_bytes", send_bytes)
+    return sent
+
+
+async def test_on_the_channel_a_continued_sequence_sends_only_its_new_ids(legacy, inprocess, monkeypatch):
+    ids = encode(inprocess, PROMPTS[0])
+    await legacy.generate(ids, None, 1, SamplingParams())  # over HTTP: names the channel
+    await legacy.generate(ids, None, 1, SamplingParams())  # the channel's first: all of it
+    assert legacy.transport.supports_append
+    sent = spy_on_sends(legacy, monkeypatch)
+    for _ in range(3):
+        [choice] = await legacy.generate(ids, None, 1, SamplingParams())
+        assert_same_choices([choice], await inprocess.generate(ids, None, 1, SamplingParams()))
+        ids = ids + [choice.token_id]
+    other = encode(inprocess, PROMPTS[1])  # not a continuation: sent whole
+    assert_same_choices(await legacy.top_tokens(other, None, 3), await inprocess.top_tokens(other, None, 3))
+    assert [len(body["input_ids"][0]) for body in sent] == [len(ids) - 3, 1, 1, len(other)]
+    assert [body.get("input_ids_after") for body in sent[1:3]] == [sent[0]["sample_id"], sent[1]["sample_id"]]
+    assert "input_ids_after" not in sent[0] and "input_ids_after" not in sent[3]
+
+
+async def test_a_server_that_does_not_take_input_ids_after_gets_whole_rows(legacy, inprocess, monkeypatch):
+    ids = encode(inprocess, PROMPTS[3])
+    for _ in range(2):  # HTTP, then the channel
+        await legacy.generate(ids, None, 1, SamplingParams())
+    legacy.transport.supports_append = False  # what an earlier lmql-backends server's answers imply
+    sent = spy_on_sends(legacy, monkeypatch)
+    await legacy.generate(ids + [5], None, 1, SamplingParams())
+    assert "input_ids_after" not in sent[0] and sent[0]["input_ids"] == [ids + [5]]
+
+
+async def test_a_row_the_channel_no_longer_holds_is_sent_again_whole(legacy, inprocess, monkeypatch):
+    ids = encode(inprocess, PROMPTS[2])
+    for _ in range(2):  # HTTP, then the channel
+        await legacy.generate(ids, None, 1, SamplingParams())
+    channel = legacy.transport._connection.channel
+    channel.last_sample_id = 10**6  # as if the server had dropped the row this one continues
+    sent = spy_on_sends(legacy, monkeypatch)
+    [choice] = await legacy.generate(ids + [5], None, 1, SamplingParams())
+    assert_same_choices([choice], await inprocess.generate(ids + [5], None, 1, SamplingParams()))
+    assert [body.get("input_ids_after") for body in sent] == [10**6, None]
+    assert [len(body["input_ids"][0]) for body in sent] == [1, len(ids) + 1]
+
+
 async def test_callers_arriving_together_share_one_channel(legacy, inprocess, monkeypatch):
     await legacy.top_tokens([0, 5], None, 2)  # over HTTP: names the channel
     session = legacy.transport._connection.session

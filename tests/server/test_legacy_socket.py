@@ -14,7 +14,7 @@ import torch
 
 from lmql_backends.legacy_frames import decode_logits_frame
 from lmql_backends.server.legacy_api import LogitRows, Sample
-from lmql_backends.server.legacy_socket import encode_logits_message
+from lmql_backends.server.legacy_socket import RowHistory, encode_logits_message
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -172,3 +172,77 @@ async def test_shutdown_closes_open_channels(tiny_model):
             await stopping
     assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
     assert socket.close_code == aiohttp.WSCloseCode.GOING_AWAY
+
+
+# ---- input_ids_after (extension 17): only the new ids of a sequence ----------------------------------
+
+
+async def forward_over(channel, body: dict):
+    await channel.send_str(json.dumps(body))
+    message = await next_message(channel)
+    return decode_logits_frame(message.data) if message.type == aiohttp.WSMsgType.BINARY else json.loads(message.data)
+
+
+async def test_queue_answers_say_the_channel_takes_input_ids_after(legacy_server, session):
+    response, _ = await post_queue(session, legacy_server, forward_body(new_client_id(), 0, [[0, 5]]))
+    assert response.headers["X-Input-Ids-After"] == "1"
+
+
+@pytest.mark.parametrize("new_ids", [[[11, 12, 13]], [11, 12, 13], [[]]])
+async def test_new_ids_after_an_earlier_row_give_the_logits_of_the_whole_sequence(channel, new_ids):
+    client_id, base = new_client_id(), [0, 17, 30, 5]
+    await forward_over(channel, forward_body(client_id, 1, [base]))
+    appended = await forward_over(channel, {**forward_body(client_id, 2, new_ids), "input_ids_after": 1})
+    flat = new_ids[0] if new_ids and isinstance(new_ids[0], list) else new_ids
+    whole = await forward_over(channel, forward_body(client_id, 3, [base + flat]))
+    assert appended["sample_id"] == 2
+    assert appended["next_token_logits"].shape == ((1, 2048) if isinstance(new_ids[0], list) else (2048,))
+    numpy.testing.assert_allclose(appended["next_token_logits"].reshape(-1), whole["next_token_logits"][0], atol=1e-4)
+    chained = await forward_over(channel, {**forward_body(client_id, 4, [[7]]), "input_ids_after": 2})
+    again = await forward_over(channel, forward_body(client_id, 5, [base + flat + [7]]))
+    numpy.testing.assert_allclose(chained["next_token_logits"], again["next_token_logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("change, detail", [
+    ({"input_ids_after": 99}, "input_ids_after names a sample this channel does not hold (99; it keeps"),
+    ({"input_ids_after": [1]}, "input_ids_after names a sample this channel does not hold ([1]; it keeps"),
+    ({"input_ids": [[5], [6]]}, "with input_ids_after, send one row of new token ids and a null attention_mask"),
+    ({"attention_mask": [[1]]}, "attention_mask"),
+    ({"action": "tokenize", "text": "Emma"}, "input_ids_after is only accepted on forward actions, not 'tokenize'"),
+])
+async def test_an_input_ids_after_the_channel_cannot_use_is_refused_naming_the_fix(channel, change, detail):
+    client_id = new_client_id()
+    await forward_over(channel, forward_body(client_id, 1, [[0, 17]]))
+    refusal = await forward_over(channel, {**forward_body(client_id, 2, [[5]]), "input_ids_after": 1, **change})
+    assert (refusal["sample_id"], refusal["status"], refusal["error"]) == (2, 400, "Bad request.")
+    assert detail in refusal["detail"]
+
+
+async def test_new_ids_are_checked_and_the_whole_sequence_must_fit_the_context(channel):
+    client_id = new_client_id()
+    await forward_over(channel, forward_body(client_id, 1, [[0] * 1000]))
+    outside = await forward_over(channel, {**forward_body(client_id, 2, [[5, 4096]]), "input_ids_after": 1})
+    assert outside["status"] == 400 and "contains token id 4096, outside the vocabulary" in outside["error"]
+    too_long = await forward_over(channel, {**forward_body(client_id, 3, [[5] * 30]), "input_ids_after": 1})
+    assert too_long["status"] == 400 and "has 1030 tokens, more than the model's context length" in too_long["error"]
+
+
+async def test_a_refused_forward_is_no_base_and_old_rows_are_forgotten(legacy_server, session, monkeypatch):
+    monkeypatch.setattr(RowHistory.__init__, "__defaults__", (2,))  # channels opened from now on keep 2 rows
+    client_id = new_client_id()
+    async with session.ws_connect(f"http://{legacy_server.endpoint}{SOCKET_PATH}") as channel:
+        await forward_over(channel, forward_body(client_id, 1, [[0, 4096]]))  # refused: never a base
+        for sample_id in (2, 3, 4):
+            await forward_over(channel, forward_body(client_id, sample_id, [[0, sample_id]]))
+        held = []
+        for base in (1, 2, 3, 4):
+            answer = await forward_over(channel, {**forward_body(client_id, 10 + base, [[9]]), "input_ids_after": base})
+            held.append("status" not in answer)
+    assert held == [False, False, True, True]
+
+
+async def test_input_ids_after_is_refused_on_post_queue(legacy_server, session):
+    body = {**forward_body(new_client_id(), 1, [[5]]), "input_ids_after": 0}
+    async with session.post(f"http://{legacy_server.endpoint}/queue", json=body) as response:
+        assert response.status == 400
+        assert "input_ids_after is only accepted on the WebSocket channel" in response.headers["X-Error-Detail"]
