@@ -349,8 +349,9 @@ def decode_message(message: aiohttp.WSMessage) -> Any:
 
 
 def one_row(body: dict[str, Any]) -> list[int] | None:
-    """The row of a one-row forward action (``input_ids: [[...]]``), else None."""
-    ids = body.get("input_ids") if body.get("action") == "forward" else None
+    """The row of a one-row forward action without padding (``input_ids: [[...]]``, a null
+    ``attention_mask``: the server holds the same row), else None."""
+    ids = body.get("input_ids") if body.get("action") == "forward" and body.get("attention_mask") is None else None
     return ids[0] if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], list) else None
 
 

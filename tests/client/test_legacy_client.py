@@ -200,6 +200,20 @@ async def test_a_server_that_does_not_take_input_ids_after_gets_whole_rows(legac
     assert "input_ids_after" not in sent[0] and sent[0]["input_ids"] == [ids + [5]]
 
 
+async def test_a_padded_row_is_no_base_for_the_next_one(legacy, inprocess, monkeypatch):
+    ids = encode(inprocess, PROMPTS[0])
+    for _ in range(2):  # HTTP, then the channel
+        await legacy.generate(ids, None, 1, SamplingParams())
+    padded = [7] + ids
+    await legacy.transport.call({  # the server holds `ids` for it: the padding is removed
+        "action": "forward", "input_ids": [padded], "attention_mask": [[0] + [1] * len(ids)], "model_identifier": MODEL,
+    })
+    sent = spy_on_sends(legacy, monkeypatch)
+    got = await legacy.next_token_logits(padded + [5])  # continues the padded row: must be sent whole
+    assert torch.allclose(got, await inprocess.next_token_logits(padded + [5]), atol=1e-4)
+    assert "input_ids_after" not in sent[0] and sent[0]["input_ids"] == [padded + [5]]
+
+
 async def test_a_row_the_channel_no_longer_holds_is_sent_again_whole(legacy, inprocess, monkeypatch):
     ids = encode(inprocess, PROMPTS[2])
     for _ in range(2):  # HTTP, then the channel
