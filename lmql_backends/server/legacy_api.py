@@ -687,9 +687,9 @@ def start_forward(engine, ids: list[int], is_speculative: bool = False) -> async
     return asyncio.ensure_future(RowForward.submit(engine, ids, is_speculative).next_token_logits())
 
 
-async def forward_row(engine, ids: list[int], is_speculative: bool = False) -> torch.Tensor:
+async def forward_row(engine, ids: list[int]) -> torch.Tensor:
     """The raw next-token logits of `ids` from the engine (prefix-cached, batched)."""
-    return await RowForward.submit(engine, ids, is_speculative).next_token_logits()
+    return await RowForward.submit(engine, ids).next_token_logits()
 
 
 async def run_tokenize(app: web.Application, job: TokenizeJob) -> JobResult:
