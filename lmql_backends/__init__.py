@@ -3,6 +3,7 @@
 Public surface::
 
     run, run_sync, query      run queries (async, sync, decorator)
+    F, decorators             lmql.F one-statement query functions; hole decorators (pre, streaming)
     model, inprocess          name the model a query runs on (server endpoint or in-process)
     score, score_sync         score options for a prompt (the distribution clause)
     argmax, sample, beam      decoders, e.g. run(query, decoder=sample(n=2, seed=1))
@@ -20,14 +21,15 @@ from . import errors
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "run": "runtime.api", "run_sync": "runtime.api", "query": "runtime.api", "score": "runtime.api",
+    "run": "runtime.api", "run_sync": "runtime.api", "query": "runtime.api", "F": "runtime.api",
+    "decorators": "language", "score": "runtime.api",
     "score_sync": "runtime.api", "argmax": "runtime.decoders", "sample": "runtime.decoders", "beam": "runtime.decoders",
     "model": "runtime.models", "inprocess": "runtime.models", "serve": "server.app",
 }
 
 __all__ = [
     "run", "run_sync", "query", "model", "inprocess", "score", "score_sync", "argmax", "sample", "beam",
-    "serve", "errors", "__version__",
+    "serve", "errors", "F", "decorators", "__version__",
 ]
 
 

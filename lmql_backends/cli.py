@@ -151,15 +151,17 @@ def serve_model(args, extra: list[str]) -> None:
 def run_query(args) -> None:
     from pathlib import Path
 
-    from .runtime.api import run_sync
+    from .runtime.api import execute, run_until_complete
 
     text = Path(args.query).read_text() if args.query.endswith(".lmql") else args.query
     kwargs = {"model": args.model} if args.model else {}
-    results = run_sync(text, **kwargs)
+    results = run_until_complete(lambda: execute(text, **kwargs))
     for result in results if isinstance(results, list) else [results]:
         print(result.prompt)
         for name, value in result.variables.items():
             print(f"  {name} = {value!r}")
+        if result.return_value is not None:
+            print(f"  return value: {result.return_value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

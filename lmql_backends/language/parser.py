@@ -9,13 +9,23 @@ Standard form (one line or indented over several lines, as in the LMQL docs)::
     where
         STOPS_AT(WHO, "\\n") and len(TOKENS(WHO)) < 10
 
-Modern form: the query starts with its prompt string, the decoder and model come from the
-call (``run(query, decoder=..., model=...)``)::
+Modern form (LMQL's standard syntax): Python with prompt statements, each with its own
+``where`` (or ``distribution``); the decoder clause is optional, the model comes from the call
+(``run(query, decoder=..., model=...)``)::
 
+    import re
+    def clean(s):
+        return re.sub(r"\W", "", s)
     "Hello[WHO]" where len(TOKENS(WHO)) < 10
+    for i in range(2):
+        "-[THING]" \
+            where STOPS_AT(THING, "\n")
+    return clean(WHO)
 
-Clauses are split with Python's `tokenize` at top-level keywords; the prompt clause is compiled
-by `program.compile_prompt`, the other clauses are Python expressions (`Expression`).
+Clauses are split with Python's `tokenize` at top-level keywords: a ``where`` or
+``distribution`` after a query string on its logical line belongs to that prompt statement,
+one at the start of a line (or after ``from``) is the query's clause. The prompt clause is
+compiled by `program.compile_prompt`, the other clauses are Python expressions (`Expression`).
 """
 
 from __future__ import annotations
@@ -23,34 +33,28 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import hashlib
 import io
+import linecache
 import textwrap
 import token as tokens
 import tokenize
-from types import CodeType
 from typing import Any
 
 from ..errors import QuerySyntaxError
-from .program import PromptProgram, compile_prompt
+from .calls import CALL_FUNCTION, call
+from .expression import DistributionClause, Expression, make_expression, parse_expression, position
+from .program import IMPORT_FUNCTION, PromptProgram, arguments, compile_prompt, import_name
+from .qstrings import ARGUMENTS_FUNCTION
 
-DECODER_NAMES = ("argmax", "sample", "beam")
+DECODER_NAMES = ("argmax", "sample", "beam", "beam_var", "var", "best_k", "beam_sample")
+# same-width stand-ins for an inline keyword, so ast positions stay those of the query text:
+# ``"..." where C`` parses as ``"..." @ (C)``, ``"..." distribution X in L`` as ``"..." @~~(X in L)``
+INLINE_WHERE = "@ (  "
+INLINE_DISTRIBUTION = "@~~(" + " " * 8
 CLAUSE_KEYWORDS = ("from", "where", "distribution")
 OPENERS, CLOSERS = "([{", ")]}"
 SKIPPED_TOKENS = (tokens.NL, tokens.COMMENT, tokens.INDENT, tokens.DEDENT, tokens.NEWLINE, tokens.ENCODING)
-
-
-@dataclasses.dataclass(frozen=True)
-class Expression:
-    """A Python expression of a query clause, compiled once and evaluated per run."""
-
-    source: str
-    node: ast.expr = dataclasses.field(repr=False, compare=False)
-    code: CodeType = dataclasses.field(repr=False, compare=False)
-    line: int = 1
-    column: int = 1
-
-    def evaluate(self, scope: dict[str, Any]) -> Any:
-        return eval(self.code, scope)  # noqa: S307 - the user's own query code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +63,6 @@ class DecoderClause:
 
     name: str
     arguments: tuple[tuple[str, Expression], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributionClause:
-    """``distribution VAR in [options]``."""
-
-    variable: str
-    values: Expression
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +95,24 @@ def query_globals() -> dict[str, Any]:
     """Names every query sees: ``lmql`` is this package, never the real LMQL."""
     import lmql_backends
 
-    return {"lmql": lmql_backends, "lmql_backends": lmql_backends}
+    return {"lmql": lmql_backends, "lmql_backends": lmql_backends, CALL_FUNCTION: call,
+            ARGUMENTS_FUNCTION: arguments, IMPORT_FUNCTION: import_name}
+
+
+def source_name(text: str) -> str:
+    """A file name for the query's code, registered with `linecache` so that `inspect.getsource`
+    finds the functions a query defines (an ``@lmql.query`` function reads its raw docstring)."""
+    name = f"<lmql query {hashlib.sha1(text.encode()).hexdigest()[:12]}>"
+    linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
+    return name
+
+
+def strip_lmql_marker(source: str) -> str:
+    """A query function's docstring may start with ``lmql`` (``'''lmql ...'''``): drop it."""
+    stripped = source.lstrip()
+    if stripped.startswith("lmql") and stripped[4:5] in ("\n", "\r", ""):
+        return stripped[4:]
+    return source
 
 
 @functools.lru_cache(maxsize=256)
@@ -107,11 +120,13 @@ def parse_query(source: str) -> Query:
     """Parse `source` into a :class:`Query`; raises QuerySyntaxError with line and column."""
     if not isinstance(source, str):
         raise QuerySyntaxError(f"a query must be a string, got {type(source).__name__}")
-    text = textwrap.dedent(source).strip("\n")
+    text = textwrap.dedent(strip_lmql_marker(source).expandtabs()).strip("\n")
     if not text.strip():
         raise QuerySyntaxError("the query is empty; write at least a query string", 1, 1)
-    clauses = _ClauseSplitter(text).split()
-    return _QueryBuilder(text, clauses).build()
+    splitter = _ClauseSplitter(text)
+    clauses = splitter.split()
+    rewritten = splitter.rewritten()
+    return _QueryBuilder(rewritten, clauses, splitter.insertions).build()
 
 
 class _ClauseSplitter:
@@ -121,6 +136,9 @@ class _ClauseSplitter:
         self.text = text
         self.tokens = read_tokens(text)
         self.end = self.tokens[-1].end if self.tokens else (1, 0)
+        self.inline: list[tuple[str, int, int]] = []  # (keyword, first body token, end token)
+        self.insertions: list[tuple[int, int]] = []  # where rewritten() added a ")"
+        self.prompt_start = 0
 
     def split(self) -> list[_Clause]:
         starts = self.decoder_clause() + self.keyword_starts()
@@ -136,19 +154,26 @@ class _ClauseSplitter:
         if first is None:
             raise QuerySyntaxError("the query is empty; write at least a query string", 1, 1)
         start = self.tokens[first]
-        if start.type == tokens.NAME and start.string in CLAUSE_KEYWORDS:
+        if start.type == tokens.NAME and start.string in CLAUSE_KEYWORDS and not self.is_python_from(first):
             raise QuerySyntaxError(f"expected a prompt (a query string) before {start.string!r}", *position(start.start))
         if start.type != tokens.NAME or self.looks_like_statement(first):
             return [("prompt", start.start, start.start)]
+        if start.string not in DECODER_NAMES and not self.is_followed_by_string(first):
+            return [("prompt", start.start, start.start)]  # Python: import x, def f(), print(...)
         if start.string not in DECODER_NAMES:
             raise QuerySyntaxError(
                 f"unknown decoder {start.string!r}; expected one of {', '.join(DECODER_NAMES)} "
                 "or a query string", *position(start.start),
             )
         after = self.skip_call(first + 1)
+        self.prompt_start = after
         body = self.significant(after)
         body_start = self.tokens[body].start if body is not None else self.end
         return [("decoder", start.start, start.start), ("prompt", body_start, self.tokens[after - 1].end)]
+
+    def is_followed_by_string(self, index: int) -> bool:
+        following = self.tokens[index + 1] if index + 1 < len(self.tokens) else None
+        return following is not None and following.type == tokens.STRING
 
     def looks_like_statement(self, index: int) -> bool:
         """Whether the first NAME starts a Python statement (``x = 1``) rather than a decoder."""
@@ -167,27 +192,89 @@ class _ClauseSplitter:
         raise QuerySyntaxError("expected ')' to close the decoder arguments", *position(self.tokens[index].start))
 
     def keyword_starts(self) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
-        """(keyword, body start, keyword start) for each top-level clause keyword."""
+        """(keyword, body start, keyword start) for each top-level clause keyword.
+
+        Records the inline ``where``/``distribution`` of prompt statements in `self.inline`.
+        """
         found, depth, line_start = [], 0, True
+        previous = None
         for i, tok in enumerate(self.tokens):
-            in_prompt = not found  # after from/where/distribution, indented keywords start clauses too
-            if self.is_clause_keyword(i, depth, line_start and in_prompt):
-                found.append((tok.string, tok.end, tok.start))
+            if tok.type == tokens.NAME and tok.string in CLAUSE_KEYWORDS and depth == 0 and i >= self.prompt_start:
+                kind = self.keyword_kind(i, line_start, previous, bool(found))
+                if kind == "clause":
+                    found.append((tok.string, tok.end, tok.start))
+                elif kind == "inline":
+                    self.inline.append(self.inline_clause(i))
             depth += bracket_change(tok)
             line_start = tok.type in (tokens.NEWLINE, tokens.NL, tokens.INDENT, tokens.DEDENT)
+            if tok.type not in SKIPPED_TOKENS:
+                previous = tok
         return found
 
-    def is_clause_keyword(self, i: int, depth: int, line_start: bool) -> bool:
+    def keyword_kind(self, i: int, line_start: bool, previous, after_clause: bool) -> str | None:
+        """"clause", "inline" (a prompt statement's own where/distribution) or None (Python)."""
         tok = self.tokens[i]
-        if tok.type != tokens.NAME or tok.string not in CLAUSE_KEYWORDS or depth != 0:
-            return False
-        if line_start and tok.start[1] != 0:
-            return False  # an indented line of the prompt clause (``from x import y``)
+        if tok.string == "from" and self.is_python_from(i):
+            return None
+        if tok.string == "distribution" and not self.is_distribution(i):
+            return None
+        if after_clause:
+            return "clause"
+        if any(start <= i < end for _, start, end in self.inline):
+            return None  # inside an inline clause: inline_clause has checked it
         if tok.string == "from":
-            return not self.is_python_from(i)
-        if tok.string == "distribution":
-            return self.is_distribution(i)
-        return True
+            return "clause" if line_start and tok.start[1] == 0 or not line_start else None
+        if line_start:
+            return "clause"
+        if previous is not None and previous.type == tokens.STRING:
+            return "inline"
+        return "clause"
+
+    def inline_clause(self, i: int) -> tuple[str, int, int]:
+        """(keyword, first body token, end token) of an inline clause: to its logical line's end."""
+        depth = 0
+        for j in range(i + 1, len(self.tokens)):
+            tok = self.tokens[j]
+            if depth == 0 and (tok.type in (tokens.NEWLINE, tokens.ENDMARKER) or tok.type == tokens.NAME and (
+                    tok.string in ("from", "where", "distribution") and self.ends_inline(j, i))):
+                return self.tokens[i].string, i + 1, j
+            depth += bracket_change(tok)
+        return self.tokens[i].string, i + 1, len(self.tokens)
+
+    def ends_inline(self, j: int, i: int) -> bool:
+        tok = self.tokens[j]
+        if tok.string == "from":
+            return not self.is_python_from(j)
+        if tok.string == "where" and self.tokens[i].string == "distribution":
+            raise QuerySyntaxError("the 'where' clause must come before the 'distribution' clause", *position(tok.start))
+        if tok.string == "where":
+            raise QuerySyntaxError("a prompt statement has one 'where'; join its constraints with 'and'",
+                                   *position(tok.start))
+        return self.is_distribution(j)
+
+    def rewritten(self) -> str:
+        """The query text with each inline keyword replaced by its same-width stand-in."""
+        lines = self.text.split("\n")
+        edits = []
+        for keyword, body, end in self.inline:
+            tok = self.tokens[body - 1]
+            last = self.last_significant(body, end)
+            if last is None:
+                raise QuerySyntaxError(f"expected an expression after {keyword!r}", tok.end[0], tok.end[1] + 1)
+            check_inline_body(self.text, tok, self.tokens[last], keyword)
+            edits.append((tok.start, tok.end, INLINE_WHERE if keyword == "where" else INLINE_DISTRIBUTION))
+            edits.append((self.tokens[last].end, self.tokens[last].end, ")"))
+            self.insertions.append(self.tokens[last].end)
+        for (row, col), (end_row, end_col), replacement in sorted(edits, reverse=True):
+            line = lines[row - 1]
+            lines[row - 1] = line[:col] + replacement + line[end_col if end_row == row else col:]
+        return "\n".join(lines)
+
+    def last_significant(self, start: int, end: int) -> int | None:
+        for j in range(end - 1, start - 1, -1):
+            if self.tokens[j].type not in SKIPPED_TOKENS and self.tokens[j].type != tokens.ENDMARKER:
+                return j
+        return None
 
     def is_python_from(self, i: int) -> bool:
         """``yield from`` / ``raise X from Y`` / ``from m import n`` are Python, not clauses."""
@@ -211,21 +298,26 @@ class _ClauseSplitter:
 class _QueryBuilder:
     """Turns split clauses into a :class:`Query`, checking their order."""
 
-    def __init__(self, text: str, clauses: list[_Clause]):
-        self.text, self.clauses = text, clauses
+    def __init__(self, text: str, clauses: list[_Clause], insertions: list[tuple[int, int]] = ()):
+        self.text, self.clauses, self.insertions = text, clauses, list(insertions)
         self.offsets = line_offsets(text)
 
     def build(self) -> Query:
         self.check_order()
         by_keyword = {c.keyword: c for c in self.clauses}
-        prompt = self.build_prompt(by_keyword["prompt"])
+        where = self.build_expression(by_keyword.get("where"))
+        distribution = self.build_distribution(by_keyword.get("distribution"))
+        prompt = self.build_prompt(by_keyword["prompt"], where)
+        if distribution is not None and prompt.distribution is not None:
+            raise QuerySyntaxError("a query has one distribution; drop the 'distribution' clause or the inline one",
+                                   *position(by_keyword["distribution"].keyword_start))
         return Query(
             source=self.text,
             prompt=prompt,
             decoder=self.build_decoder(by_keyword.get("decoder")),
             model=self.build_expression(by_keyword.get("from")),
-            where=self.build_expression(by_keyword.get("where")),
-            distribution=self.build_distribution(by_keyword.get("distribution")),
+            where=prompt.where,
+            distribution=distribution or prompt.distribution,
         )
 
     def check_order(self) -> None:
@@ -244,16 +336,20 @@ class _QueryBuilder:
         return self.text[self.offset(clause.start):self.offset(clause.end)]
 
     def offset(self, pos: tuple[int, int]) -> int:
+        """Offset in the rewritten text of a position of the query (each inserted ")" shifts its line)."""
         row, col = pos
-        return self.offsets[row - 1] + col if row - 1 < len(self.offsets) else len(self.text)
+        if row - 1 >= len(self.offsets):
+            return len(self.text)
+        shift = sum(1 for r, c in self.insertions if r == row and c <= col)
+        return self.offsets[row - 1] + col + shift
 
-    def build_prompt(self, clause: _Clause) -> PromptProgram:
+    def build_prompt(self, clause: _Clause, where: Expression | None) -> PromptProgram:
         row, col = clause.start
         line_before = self.text[self.offsets[row - 1]:self.offset(clause.start)] if row - 1 < len(self.offsets) else ""
         source, indent = dedent_body(self.body(clause), col, bool(line_before.strip()))
         if not source.strip():
             raise QuerySyntaxError("expected a prompt (a query string)", *position(clause.start))
-        return compile_prompt(source, clause.start[0], indent, query_globals())
+        return compile_prompt(source, clause.start[0], indent, query_globals(), where, source_name(self.text))
 
     def build_decoder(self, clause: _Clause | None) -> DecoderClause | None:
         if clause is None:
@@ -293,31 +389,16 @@ def make_decoder_clause(node: ast.expr, text: str, start: tuple[int, int]) -> De
     return DecoderClause(node.func.id, arguments)
 
 
-def parse_expression(body: str, start: tuple[int, int], keyword: str) -> Expression:
-    """Parse a clause body as one Python expression (it may span several lines)."""
-    if not body.strip():
-        raise QuerySyntaxError(f"expected an expression after {keyword!r}", *position(start))
-    try:
-        node = ast.parse("(" + body + "\n)", "<query>", "eval").body
-    except SyntaxError as exc:
-        line, column = syntax_error_position(exc, body, start)
-        raise QuerySyntaxError(f"the {keyword!r} clause is not valid: {exc.msg}", line, max(column, 1)) from None
-    return make_expression(node, start, body.strip())
-
-
-def syntax_error_position(exc: SyntaxError, body: str, start: tuple[int, int]) -> tuple[int, int]:
-    """Where a syntax error in a clause body is, in query coordinates (1-based)."""
-    lines = body.splitlines() or [""]
-    row, offset = exc.lineno or 1, exc.offset or 1
-    if row > len(lines):  # past the body: the expression ended too early
-        row, offset = len(lines), len(lines[-1]) + 2
-    column = start[1] + offset - 1 if row == 1 else offset
-    return start[0] + row - 1, max(column, 1)
-
-
-def make_expression(node: ast.expr, start: tuple[int, int], source: str | None = None) -> Expression:
-    code = compile(ast.fix_missing_locations(ast.Expression(node)), "<query>", "eval")
-    return Expression(source if source is not None else ast.unparse(node), node, code, start[0], start[1] + 1)
+def check_inline_body(text: str, keyword: tokenize.TokenInfo, last: tokenize.TokenInfo, name: str) -> None:
+    """A prompt statement's where/distribution body must be one expression (errors name where)."""
+    offsets = line_offsets(text)
+    start = offsets[keyword.end[0] - 1] + keyword.end[1]
+    end = offsets[last.end[0] - 1] + last.end[1]
+    body = text[start:end]
+    if name == "where":
+        parse_expression(body, keyword.end, "where")
+    elif not body.strip():
+        raise QuerySyntaxError("expected 'distribution VAR in [options]'", *position(keyword.start))
 
 
 def dedent_body(body: str, column: int, is_mid_line: bool) -> tuple[str, int]:
@@ -368,6 +449,3 @@ def line_offsets(text: str) -> list[int]:
     return offsets
 
 
-def position(pos: tuple[int, int]) -> tuple[int, int]:
-    """A tokenize (row, 0-based col) as (line, 1-based column)."""
-    return pos[0], pos[1] + 1

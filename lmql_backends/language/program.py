@@ -1,12 +1,20 @@
 """The prompt clause compiled to an async Python function, and one execution of it.
 
-Every bare string statement of the prompt clause becomes ``(A, B) = await __prompt__(i, locals())``
-where ``i`` numbers the parsed :class:`~.qstrings.Template` and ``A, B`` are its holes, so the
-values of holes are ordinary Python locals for the statements that follow. Query inputs are the
-function's keyword-only parameters.
+Every prompt statement (a string statement, with or without its own ``where``) becomes
+``(A, B) = await __lmql_prompt__(i, locals())``, where ``i`` numbers the parsed
+:class:`PromptStatement` and ``A, B`` are its holes, so hole values are ordinary Python locals
+for the statements that follow; a hole generated again overwrites the local, and the result's
+`variables` hold its last value (as LMQL). Query inputs are the function's keyword-only
+parameters. Calls are LMQL calls (`calls.CallTransformer`: async tools and nested query
+functions are awaited); ``return X`` makes X the query's return value; ``import lmql`` is
+dropped (``lmql`` is this package inside a query) and ``from lmql.X import Y`` gives this
+package's equivalent of Y, or an error naming what LMQL has and this package does not.
 
 Filling a hole is delegated to a callback (the runtime's decoder), so this module knows nothing
-about models: it renders text, asks for hole values and records the trace.
+about models: it renders text, asks for hole values, runs nested queries and decorators, and
+records the trace. The function is compiled once per set of input names; each execution
+binds it to its own globals (the query's names plus, for an ``@lmql.query`` function, the
+scope it was defined in).
 """
 
 from __future__ import annotations
@@ -14,23 +22,53 @@ from __future__ import annotations
 import ast
 import builtins
 import dataclasses
+import types
 from typing import Any, Awaitable, Callable
 
 from ..errors import InvalidRequestError, QuerySyntaxError
-from .qstrings import Hole, Interpolation, Template, Text, is_query_string, parse_template, render_interpolation
+from .calls import CallTransformer
+from .decorators import DecoratorChain, ProgramState, as_decorator
+from .expression import DistributionClause, Expression, make_expression, parse_expression
+from .qstrings import ARGUMENTS_FUNCTION, Hole, Interpolation, Template, Text, is_query_string, parse_template, render_interpolation
 
 PROMPT_FUNCTION = "__lmql_prompt__"
 QUERY_FUNCTION = "__lmql_query__"
+IMPORT_FUNCTION = "__lmql_import__"
+# what `from lmql.MODULE import NAME` gives inside a query (LMQL's names for what a decorator sees)
+LMQL_IMPORTS = {
+    ("lmql.runtime.program_state", "ProgramState"): ProgramState,
+    ("lmql.language.qstrings", "TemplateVariable"): Hole,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptStatement:
+    """One prompt statement: its query string and its own ``where`` (None without one).
+
+    `compiled` is a cache the runtime fills once (the statement's compiled constraints).
+    """
+
+    index: int
+    template: Template
+    where: Expression | None = None
+    compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class HoleContext:
-    """What the runtime needs to fill one hole."""
+    """What the runtime needs to fill one hole.
+
+    `program` and `statement` say which constraints apply: the program's ``where`` clause and
+    the statement's own (None for a hole made by hand, e.g. in tests: the query's constraints).
+    """
 
     variable: str
     type_name: str | None
     prompt: str
     scope: dict[str, Any]
+    program: "PromptProgram | None" = None
+    statement: PromptStatement | None = None
+    hole: Hole | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,25 +88,38 @@ class StopProgram(Exception):
 
 
 HoleFiller = Callable[[HoleContext], Awaitable[FilledHole]]
+NO_RETURN = object()
 
 
 @dataclasses.dataclass
 class ProgramTrace:
-    """The outcome of one execution: the prompt text and the last value of each hole."""
+    """The outcome of one execution: the prompt text, the last value of each hole, the return value."""
 
     prompt: str = ""
     variables: dict[str, Any] = dataclasses.field(default_factory=dict)
     is_truncated: bool = False
+    return_value: Any = NO_RETURN
+
+    @property
+    def has_return_value(self) -> bool:
+        return self.return_value is not NO_RETURN and self.return_value is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptProgram:
-    """The compiled prompt clause."""
+    """The compiled prompt clause, with the query's ``where`` clause (applies to every hole)."""
 
     module: ast.Module
-    templates: tuple[Template, ...]
+    statements: tuple[PromptStatement, ...]
     globals: dict[str, Any] = dataclasses.field(repr=False, compare=False)
+    where: Expression | None = None
+    distribution: DistributionClause | None = None  # an inline ``"..." distribution X in [...]``
+    filename: str = "<query>"
     functions: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def templates(self) -> tuple[Template, ...]:
+        return tuple(s.template for s in self.statements)
 
     @property
     def hole_names(self) -> tuple[str, ...]:
@@ -80,26 +131,29 @@ class PromptProgram:
     def int_variables(self) -> frozenset[str]:
         return frozenset(h.name for t in self.templates for h in t.holes if h.type_name == "int")
 
-    def make_function(self, input_names: tuple[str, ...]):
+    def make_function(self, input_names: tuple[str, ...]) -> types.FunctionType:
         """The async function running the prompt with `input_names` as keyword-only inputs."""
         if input_names not in self.functions:
             self.functions[input_names] = self.compile_function(input_names)
         return self.functions[input_names]
 
-    def compile_function(self, input_names: tuple[str, ...]):
+    def compile_function(self, input_names: tuple[str, ...]) -> types.FunctionType:
         function = make_function_node(self.module.body, input_names)
         module = ast.fix_missing_locations(ast.Module([function], type_ignores=[]))
         namespace = dict(self.globals)
-        exec(compile(module, "<query>", "exec"), namespace)  # noqa: S102 - the user's own query
+        exec(compile(module, self.filename, "exec"), namespace)  # noqa: S102 - the user's own query
         return namespace[QUERY_FUNCTION]
 
-    async def execute(self, inputs: dict[str, Any], fill: HoleFiller) -> ProgramTrace:
-        """Run the prompt once with `inputs`; `fill` provides every hole's value."""
-        check_input_names(inputs, self.hole_names)
-        function = self.make_function(tuple(sorted(inputs)))
-        execution = _Execution(self.templates, fill, self.globals)
+    async def execute(self, inputs: dict[str, Any], fill: HoleFiller, scope: dict[str, Any] | None = None,
+                      prompt: str = "") -> ProgramTrace:
+        """Run the prompt once with `inputs`; `fill` provides every hole's value.
+
+        `scope` adds names the program sees (an ``@lmql.query`` function's defining scope);
+        `prompt` is the text before the program's first statement (a nested query's context).
+        """
+        execution = _Execution(self, fill, {**self.globals, **(scope or {})}, prompt)
         try:
-            await function(execution.prompt, **inputs)
+            execution.trace.return_value = await execution.run(inputs)
         except StopProgram as stop:
             execution.trace.is_truncated = True
             execution.trace.prompt += stop.filled.text
@@ -109,37 +163,107 @@ class PromptProgram:
 class _Execution:
     """The state of one run: the prompt text so far and the hole values."""
 
-    def __init__(self, templates: tuple[Template, ...], fill: HoleFiller, globals_: dict[str, Any]):
-        self.templates, self.fill, self.globals = templates, fill, globals_
-        self.trace = ProgramTrace()
+    def __init__(self, program: PromptProgram, fill: HoleFiller, globals_: dict[str, Any], prompt: str):
+        self.program, self.fill, self.globals = program, fill, globals_
+        self.trace = ProgramTrace(prompt=prompt)
+
+    async def run(self, inputs: dict[str, Any]) -> Any:
+        check_input_names(inputs, self.program.hole_names)
+        compiled = self.program.make_function(tuple(sorted(inputs)))
+        function = types.FunctionType(compiled.__code__, {**self.globals, PROMPT_FUNCTION: self.prompt})
+        try:
+            return await function(**inputs)
+        except NameError as exc:
+            name = getattr(exc, "name", None)
+            if name is None or name in self.globals:
+                raise
+            raise InvalidRequestError(
+                f"the query uses {name!r}, which it does not define; pass it as an input "
+                f"(run(query, {name}=...)) or define it in the query", name,
+            ) from exc
 
     async def prompt(self, index: int, local_names: dict[str, Any]) -> tuple[Any, ...]:
-        """Append template `index` to the prompt, filling its holes; return the hole values."""
+        """Append statement `index` to the prompt, filling its holes; return the hole values."""
+        statement = self.program.statements[index]
         scope = {**self.globals, **local_names}
         values = []
-        for segment in self.templates[index].segments:
+        for segment in statement.template.segments:
             if isinstance(segment, Hole):
-                values.append(await self.fill_hole(segment, scope))
+                values.append(await self.fill_hole(statement, segment, scope))
+            elif isinstance(segment, Text):
+                self.trace.prompt += segment.text
             else:
-                self.trace.prompt += render_segment(segment, scope)
+                self.trace.prompt += await render_interpolation(segment, scope)
         return tuple(values)
 
-    async def fill_hole(self, hole: Hole, scope: dict[str, Any]) -> Any:
-        context = HoleContext(hole.name, hole.type_name, self.trace.prompt, dict(scope))
+    async def fill_hole(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any]) -> Any:
+        chain = await self.decorators(hole, scope)
+        context = ProgramState(self.trace.prompt, dict(self.trace.variables))
+        fixed = chain.pre(hole, context) if chain is not None else None
+        if fixed is not None:
+            value, text = fixed
+        elif hole.type_name == "query":
+            value, text = await self.fill_nested(hole, scope)
+        else:
+            value, text = await self.generate(statement, hole, scope)
+        if chain is not None:
+            value, text = chain.post(value, text, context)
+        self.trace.prompt += text
+        self.trace.variables[hole.name] = scope[hole.name] = value
+        return value
+
+    async def generate(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any]) -> tuple[Any, str]:
+        context = HoleContext(hole.name, hole.type_name, self.trace.prompt, dict(scope), self.program, statement, hole)
         try:
             filled = await self.fill(context)
         except StopProgram as stop:
             self.trace.variables[hole.name] = stop.filled.value
             raise
-        self.trace.prompt += filled.text
-        self.trace.variables[hole.name] = scope[hole.name] = filled.value
-        return filled.value
+        return filled.value, filled.text
+
+    async def decorators(self, hole: Hole, scope: dict[str, Any]) -> DecoratorChain | None:
+        if not hole.decorators:
+            return None
+        return DecoratorChain(tuple([as_decorator(await d.evaluate(scope), d.source) for d in hole.decorators]))
+
+    async def fill_nested(self, hole: Hole, scope: dict[str, Any]) -> tuple[Any, str]:
+        """``[X: fn(args)]``: run the query function `fn` in this prompt's context.
+
+        With a return value, its instructions leave the prompt and the value (as text) takes
+        their place; without one, the nested prompt stays (LMQL's macro expansion).
+        """
+        target = await hole.type_code.evaluate(scope)
+        args, kwargs = await hole.type_arguments.evaluate(scope) if hole.type_arguments else ((), {})
+        nested = getattr(target, "nested_query", None)
+        if nested is None:
+            raise InvalidRequestError(
+                f"the type of [{hole.name}: {hole.type_code.source}] is {target!r}; a hole's type is int, "
+                "a regex string or an @lmql.query function", hole.name,
+            )
+        program, inputs, nested_scope = nested(args, kwargs)
+        before = self.trace.prompt
+        trace = await program.execute(inputs, self.fill, nested_scope, before)
+        if trace.is_truncated:
+            raise StopProgram(FilledHole(trace.prompt[len(before):], trace.prompt[len(before):]))
+        if trace.has_return_value:
+            return trace.return_value, str(trace.return_value)
+        text = trace.prompt[len(before):]
+        return text, text
 
 
-def render_segment(segment: Text | Interpolation, scope: dict[str, Any]) -> str:
-    if isinstance(segment, Text):
-        return segment.text
-    return render_interpolation(segment, scope)
+def arguments(*args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    """The arguments of a nested query's call in a hole type, ``[X: fn(1, k=2)]``."""
+    return args, kwargs
+
+
+def import_name(module: str, name: str) -> Any:
+    """``from lmql.MODULE import NAME`` inside a query."""
+    if (module, name) in LMQL_IMPORTS:
+        return LMQL_IMPORTS[module, name]
+    raise InvalidRequestError(
+        f"'from {module} import {name}' needs LMQL itself, which lmql-backends does not include; "
+        f"define {name} in the query or import it from your own module", name,
+    )
 
 
 def check_input_names(inputs: dict[str, Any], hole_names: tuple[str, ...]) -> None:
@@ -153,12 +277,19 @@ def check_input_names(inputs: dict[str, Any], hole_names: tuple[str, ...]) -> No
         raise InvalidRequestError(f"input name {bad[0]!r} is not a valid Python identifier", bad[0])
 
 
-def compile_prompt(source: str, line: int, column: int, globals_: dict[str, Any]) -> PromptProgram:
+def compile_prompt(source: str, line: int, column: int, globals_: dict[str, Any],
+                   where: Expression | None = None, filename: str = "<query>") -> PromptProgram:
     """Compile the prompt clause `source`, which starts at (`line`, `column`) of the query."""
     module = parse_statements(source, line, column)
     rewriter = _PromptRewriter(column)
     module = rewriter.visit(module)
-    return PromptProgram(module, tuple(rewriter.templates), {"__builtins__": builtins, **globals_})
+    module = CallTransformer(frozenset({PROMPT_FUNCTION, IMPORT_FUNCTION})).visit(module)
+    statements = tuple(rewriter.statements)
+    if where is None and len(module.body) == 1 and len(statements) == 1 and statements[0].where is not None:
+        # a query of one prompt statement: its where is the query's where (same meaning)
+        where, statements = statements[0].where, (dataclasses.replace(statements[0], where=None),)
+    return PromptProgram(module, statements, {"__builtins__": builtins, **globals_}, where, rewriter.distribution,
+                         filename)
 
 
 def parse_statements(source: str, line: int, column: int) -> ast.Module:
@@ -174,41 +305,78 @@ def parse_statements(source: str, line: int, column: int) -> ast.Module:
     return module
 
 
+def inline_clause(node: ast.expr) -> tuple[str | None, ast.expr | None]:
+    """("where", C) for the parser's ``"..." @ (C)``, ("distribution", X in L) for ``"..." @~~(X in L)``."""
+    if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult) and is_query_string(node.left)):
+        return None, None
+    right = node.right
+    if (isinstance(right, ast.UnaryOp) and isinstance(right.op, ast.Invert) and isinstance(right.operand, ast.UnaryOp)
+            and isinstance(right.operand.op, ast.Invert)):
+        return "distribution", right.operand.operand
+    return "where", right
+
+
 class _PromptRewriter(ast.NodeTransformer):
-    """Turns each bare string statement into an awaited prompt call."""
+    """Turns each prompt statement into an awaited prompt call; leaves nested functions alone."""
 
     def __init__(self, column: int):
-        self.templates: list[Template] = []
+        self.statements: list[PromptStatement] = []
         self.column = column
+        self.distribution = None
 
     def visit_Expr(self, node: ast.Expr) -> ast.stmt:
-        if isinstance(node.value, ast.JoinedStr):
+        value, where = node.value, None
+        keyword, clause = inline_clause(value)
+        if keyword is not None:
+            marker, value = value.right, value.left
+        if isinstance(value, ast.JoinedStr):
             raise QuerySyntaxError(
                 "query strings interpolate {...} already; drop the 'f' prefix",
                 node.lineno, node.col_offset + self.column + 1,
             )
-        if not is_query_string(node.value):
+        if not is_query_string(value):
             return self.generic_visit(node)
-        template = parse_template(node.value.value, node.lineno, node.col_offset + self.column + 1)
-        self.templates.append(template)
-        return ast.copy_location(make_prompt_statement(len(self.templates) - 1, template), node)
+        template = parse_template(value.value, node.lineno, node.col_offset + self.column + 1)
+        if keyword == "where":
+            where = parse_expression(ast.unparse(clause), (clause.lineno, clause.col_offset + self.column), "where")
+        elif keyword == "distribution":
+            self.distribution = self.make_distribution(clause, marker)
+        self.statements.append(PromptStatement(len(self.statements), template, where))
+        return ast.copy_location(make_prompt_statement(len(self.statements) - 1, template), node)
 
-    def visit_FunctionDef(self, node):
-        return self.reject_nested(node)
+    def make_distribution(self, clause: ast.expr, marker: ast.expr):
+        """``"..." distribution X in L`` (`marker` is the stand-in, one column after the keyword)."""
+        line, column = marker.lineno, marker.col_offset + self.column
+        if not (isinstance(clause, ast.Compare) and isinstance(clause.left, ast.Name)
+                and len(clause.ops) == 1 and isinstance(clause.ops[0], ast.In)):
+            raise QuerySyntaxError("expected 'distribution VAR in [options]'", line, column)
+        if self.distribution is not None:
+            raise QuerySyntaxError("a query has one distribution", line, column)
+        values = make_expression(clause.comparators[0], (clause.lineno, clause.col_offset + self.column))
+        return DistributionClause(clause.left.id, values)
 
-    visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
+    def visit_Import(self, node: ast.Import) -> ast.AST | None:
+        names = [alias for alias in node.names if not (alias.name == "lmql" and alias.asname is None)]
+        return ast.copy_location(ast.Import(names), node) if names else ast.copy_location(ast.Pass(), node)
 
-    def reject_nested(self, node) -> ast.AST:
-        if any(isinstance(n, ast.Expr) and is_query_string(n.value) for n in ast.walk(node)):
-            raise QuerySyntaxError(
-                "query strings inside nested functions or classes are not supported",
-                node.lineno, node.col_offset + 1,
-            )
-        return node
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+        if not (node.module or "").split(".")[0] == "lmql" or node.level:
+            return node
+        assignments = [
+            ast.Assign([ast.Name(alias.asname or alias.name, ast.Store())], ast.Call(
+                ast.Name(IMPORT_FUNCTION, ast.Load()), [ast.Constant(node.module), ast.Constant(alias.name)], []))
+            for alias in node.names
+        ]
+        return [ast.copy_location(a, node) for a in assignments]
+
+    def skip(self, node: ast.AST) -> ast.AST:
+        return node  # strings in nested functions and classes are Python strings (docstrings), as in LMQL
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = skip
 
 
 def make_prompt_statement(index: int, template: Template) -> ast.stmt:
-    """``(A, B) = await __prompt__(index, locals())`` (or a bare await without holes)."""
+    """``(A, B) = await __lmql_prompt__(index, locals())`` (or a bare await without holes)."""
     call = ast.Await(ast.Call(
         ast.Name(PROMPT_FUNCTION, ast.Load()),
         [ast.Constant(index), ast.Call(ast.Name("locals", ast.Load()), [], [])], [],
@@ -220,9 +388,9 @@ def make_prompt_statement(index: int, template: Template) -> ast.stmt:
 
 
 def make_function_node(body: list[ast.stmt], input_names: tuple[str, ...]) -> ast.AsyncFunctionDef:
-    arguments = ast.arguments(
-        posonlyargs=[], args=[ast.arg(PROMPT_FUNCTION)], vararg=None,
+    arguments_ = ast.arguments(
+        posonlyargs=[], args=[], vararg=None,
         kwonlyargs=[ast.arg(name) for name in input_names], kw_defaults=[None] * len(input_names),
         kwarg=None, defaults=[],
     )
-    return ast.AsyncFunctionDef(name=QUERY_FUNCTION, args=arguments, body=body, decorator_list=[], returns=None)
+    return ast.AsyncFunctionDef(name=QUERY_FUNCTION, args=arguments_, body=body, decorator_list=[], returns=None)

@@ -28,6 +28,7 @@ from ..language.program import FilledHole, HoleContext, ProgramTrace, StopProgra
 from .constraints import ConstraintSet, Progress, VariableConstraints, VariableRecord, compile_constraints
 from .masks import same_mask
 from .result import QueryResult
+from .statements import statement_constraints
 from .tokens import TokenTable, prompt_ids, token_table
 
 COMMON_ARGUMENTS = ("max_len", "chunksize", "chunk_timeout", "backend")
@@ -119,6 +120,7 @@ class QuerySession:
     inputs: dict[str, Any]
     limit: int
     context_length: int | None
+    scope: dict[str, Any] | None = None  # language: names an @query function's program sees
 
     @property
     def distribution(self) -> DistributionClause | None:
@@ -130,7 +132,13 @@ class QuerySession:
     def start_variable(self, hole: HoleContext, records: dict[str, VariableRecord]):
         """The bound constraints and context ids of a variable that starts now."""
         ids = self.context_ids(hole.prompt)
-        return self.constraints.bind(hole.variable, records, hole.scope, self.table), tuple(ids)
+        return self.constraints_of(hole).bind(hole.variable, records, hole.scope, self.table), tuple(ids)
+
+    def constraints_of(self, hole: HoleContext) -> ConstraintSet:
+        """The constraints of `hole`'s prompt statement (its own where, the query's, its type)."""
+        if hole.statement is None or hole.program is None:  # language: a hole made by hand
+            return self.constraints
+        return statement_constraints(hole.program, hole.statement)
 
     def context_ids(self, text: str) -> list[int]:
         ids = prompt_ids(self.client.tokenizer, text, self.client.bos_token_id)
@@ -144,15 +152,15 @@ class QuerySession:
     def finish_variable(self, hole: HoleContext, progress: Progress, records: dict[str, VariableRecord]) -> FilledHole:
         """Record a finished variable; its Python value is an int for INT variables."""
         text = progress.text
-        value = self.typed_value(hole.variable, text, progress)
+        value = self.typed_value(hole.variable, text, progress, self.constraints_of(hole).int_variables)
         records[hole.variable] = VariableRecord(text, value, progress.num_tokens)
         filled = FilledHole(text, value)
         if progress.finish_reason == "length":
             raise StopProgram(filled)
         return filled
 
-    def typed_value(self, variable: str, text: str, progress: Progress) -> Any:
-        if variable not in self.constraints.int_variables:
+    def typed_value(self, variable: str, text: str, progress: Progress, int_variables: frozenset[str]) -> Any:
+        if variable not in int_variables:
             return text
         if text.strip().isdigit():
             return int(text.strip())
@@ -178,7 +186,8 @@ def distribution_options(values: Any, variable: str) -> list[str]:
     return options
 
 
-async def open_session(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict[str, Any]) -> QuerySession:
+async def open_session(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict[str, Any],
+                       scope: dict[str, Any] | None = None) -> QuerySession:
     """Prepare a query on `client`: token table, compiled constraints, length limit."""
     connect = getattr(client, "connect", None)
     if connect is not None:  # HTTP clients learn the context length from the server
@@ -187,12 +196,14 @@ async def open_session(query: Query, client: LMClient, spec: DecoderSpec, inputs
     limit = min(spec.max_len, context_length) if context_length else spec.max_len
     holes = query.prompt.hole_names
     constraints = compile_constraints(query.where, holes, query.prompt.int_variables)
-    return QuerySession(query, client, token_table(client.tokenizer), constraints, spec, inputs, limit, context_length)
+    return QuerySession(query, client, token_table(client.tokenizer), constraints, spec, inputs, limit, context_length,
+                        scope)
 
 
-async def decode(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict[str, Any]):
+async def decode(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict[str, Any],
+                 scope: dict[str, Any] | None = None):
     """Run `query` with decoder `spec`: one QueryResult when n == 1, else a list."""
-    session = await open_session(query, client, spec, inputs)
+    session = await open_session(query, client, spec, inputs, scope)
     if spec.name == "beam":
         results = await run_beam(session)
     else:
@@ -229,7 +240,7 @@ class GeneratingFiller:
 
 async def run_sampled(session: QuerySession, sampling: SamplingParams) -> QueryResult:
     filler = GeneratingFiller(session, sampling)
-    trace = await session.query.prompt.execute(session.inputs, filler)
+    trace = await session.query.prompt.execute(session.inputs, filler, session.scope)
     return make_result(trace, session.distribution, filler.distribution)
 
 
@@ -342,7 +353,7 @@ async def replay(session: QuerySession, beam: Beam) -> Beam:
     """Run the program with the beam's finished holes up to its next hole (or to the end)."""
     filler = ReplayFiller(session, beam.holes)
     try:
-        trace = await session.query.prompt.execute(session.inputs, filler)
+        trace = await session.query.prompt.execute(session.inputs, filler, session.scope)
     except _Suspended as suspended:
         return dataclasses.replace(beam, pending=suspended.pending)
     if filler.index != len(beam.holes):
@@ -424,8 +435,10 @@ def log_sum_exp(values: Sequence[float]) -> float:
 
 def make_result(trace: ProgramTrace, clause: DistributionClause | None, scores: list[OptionScore] | None) -> QueryResult:
     variables = dict(trace.variables)
+    returned = trace.return_value if trace.has_return_value else None  # language: ``return X``
     if clause is None or scores is None:
-        return QueryResult(trace.prompt, variables, is_truncated=trace.is_truncated)
+        return QueryResult(trace.prompt, variables, is_truncated=trace.is_truncated, return_value=returned)
     variables[f"P({clause.variable})"] = [(s.option, s.probability) for s in scores]
     variables[f"log P({clause.variable})"] = [(s.option, s.logprob) for s in scores]
-    return QueryResult(trace.prompt, variables, clause.variable, [s.option for s in scores], trace.is_truncated)
+    return QueryResult(trace.prompt, variables, clause.variable, [s.option for s in scores], trace.is_truncated,
+                       returned)

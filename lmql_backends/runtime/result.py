@@ -15,6 +15,8 @@ class QueryResult:
         clause also ``"P(VAR)"`` and ``"log P(VAR)"``: ``(option, p)`` lists in option order.
     distribution_variable, distribution_values: the distribution clause's variable and options.
     is_truncated: the query stopped early because it reached ``max_len`` tokens.
+    return_value: what the program returned (``return X``), None without a return statement;
+        `run` returns it in place of the QueryResult, as LMQL does.
     """
 
     prompt: str
@@ -22,3 +24,4 @@ class QueryResult:
     distribution_variable: str | None = None
     distribution_values: list[str] | None = None
     is_truncated: bool = False
+    return_value: Any = None

@@ -1,5 +1,7 @@
 """Query strings: holes, interpolations, escapes and their errors."""
 
+import asyncio
+
 import pytest
 
 from lmql_backends.errors import QuerySyntaxError
@@ -37,13 +39,13 @@ def test_interpolation_with_conversion_and_format():
     parts = [s for s in template.segments if isinstance(s, Interpolation)]
     assert [p.source for p in parts] == ["x", "y + 1", "d['k']", "f'{y}'"]
     scope = {"x": "a", "y": 2, "d": {"k": "v"}}
-    assert [render_interpolation(p, scope) for p in parts] == ["   'a'", "3", "v", "2"]
+    assert [asyncio.run(render_interpolation(p, scope)) for p in parts] == ["   'a'", "3", "v", "2"]
 
 
 def test_interpolation_with_nested_braces_and_comparison():
     template = parse_template("{ {'a': 1}['a'] }{x != 1}")
     scope = {"x": 2}
-    assert [render_interpolation(p, scope) for p in template.segments] == ["1", "True"]
+    assert [asyncio.run(render_interpolation(p, scope)) for p in template.segments] == ["1", "True"]
 
 
 @pytest.mark.parametrize("text, fragment", [

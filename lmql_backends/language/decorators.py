@@ -1,0 +1,126 @@
+"""Variable decorators: ``"[@fn VAR]"``, ``"[@a @b VAR]"``, ``"[@prefix('P: ') VAR]"`` (as LMQL).
+
+A plain function is a post-processing decorator: called with the finished value (one
+parameter) or with ``(value, prompt_value, context)``; it returns the new value (the prompt
+gets ``str(value)``), a ``(value, prompt_value)`` tuple, or None (no change). ``@pre``
+functions run before the variable is generated: returning anything but the variable they are
+given fixes the value and skips generation. ``@streaming`` functions see the value; here they
+are called once, with the finished value. Classes implementing `LMQLDecorator` hook every stage.
+Several decorators: ``pre`` runs left to right, ``post`` and ``stream`` right to left.
+
+Inside a query, ``lmql.decorators.pre`` / ``lmql.decorators.streaming`` name these markers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+from ..errors import InvalidRequestError
+
+
+@dataclasses.dataclass
+class ProgramState:
+    """What a decorator sees of the running query (LMQL's ``context`` argument)."""
+
+    prompt: str
+    variables: dict[str, Any]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.variables.get(name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.variables[name]
+
+
+class LMQLDecorator:
+    """Base class of a decorator hooking several stages; each method's default changes nothing."""
+
+    def pre(self, variable, context: ProgramState):
+        return variable
+
+    def stream(self, value, context: ProgramState):
+        return value
+
+    def post(self, value, prompt_value: str, context: ProgramState):
+        return value, prompt_value
+
+
+class _FunctionDecorator(LMQLDecorator):
+    """A plain function: post-processing only."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.arity = parameter_count(function)
+
+    def post(self, value, prompt_value, context):
+        result = self.function(value) if self.arity == 1 else self.function(value, prompt_value, context)
+        if result is None:
+            return value, prompt_value
+        return result if isinstance(result, tuple) else (result, str(result))
+
+
+class _PreDecorator(LMQLDecorator):
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def pre(self, variable, context):
+        return self.function(variable, context)
+
+
+class _StreamingDecorator(LMQLDecorator):
+    def __init__(self, function: Callable):
+        self.function = function
+        self.arity = parameter_count(function)
+
+    def stream(self, value, context):
+        self.function(value) if self.arity == 1 else self.function(value, context)
+        return value
+
+
+def pre(function: Callable) -> LMQLDecorator:
+    """Mark `function(variable, context)` as a pre-processing decorator."""
+    return _PreDecorator(function)
+
+
+def streaming(function: Callable) -> LMQLDecorator:
+    """Mark `function(value, context)` as a streaming decorator."""
+    return _StreamingDecorator(function)
+
+
+def parameter_count(function: Callable) -> int:
+    try:
+        return len(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return 1
+
+
+def as_decorator(value: Any, source: str) -> LMQLDecorator:
+    if isinstance(value, LMQLDecorator):
+        return value
+    if callable(value):
+        return _FunctionDecorator(value)
+    raise InvalidRequestError(f"the decorator @{source} is {value!r}, not a function or an LMQLDecorator")
+
+
+@dataclasses.dataclass
+class DecoratorChain:
+    """The decorators of one hole, in the order written."""
+
+    decorators: tuple[LMQLDecorator, ...]
+
+    def pre(self, variable, context: ProgramState) -> tuple[Any, str] | None:
+        """A fixed (value, prompt_value), or None to generate the variable."""
+        for decorator in self.decorators:
+            result = decorator.pre(variable, context)
+            if result is not variable:
+                return result if isinstance(result, tuple) else (result, str(result))
+        return None
+
+    def post(self, value: Any, prompt_value: str, context: ProgramState) -> tuple[Any, str]:
+        for decorator in reversed(self.decorators):
+            decorator.stream(value, context)
+        for decorator in reversed(self.decorators):
+            value, prompt_value = decorator.post(value, prompt_value, context)
+        return value, str(prompt_value)

@@ -1,0 +1,126 @@
+"""The LMQL language corpus (tests/language/programs/*.lmql), run on the three backends.
+
+Each program names its checks in ``# check: EXPR`` comments (EXPR sees `prompt`, `variables`
+and `value`, the program's return value) and its inputs in ``# inputs: {...}``. Every program
+runs on builtin:tiny in-process, over the new API and over the legacy API; the three give the
+same prompt, variables and return value, and the checks hold.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import lmql_backends as lmql
+from lmql_backends.errors import InvalidRequestError, QuerySyntaxError
+from lmql_backends.runtime.api import execute, run_until_complete
+
+pytestmark = pytest.mark.timeout(600)
+
+PROGRAMS = sorted((Path(__file__).parent / "programs").glob("*.lmql"))
+
+
+def header(text: str, key: str) -> list[str]:
+    prefix = f"# {key}:"
+    return [line.strip()[len(prefix):].strip() for line in text.splitlines() if line.strip().startswith(prefix)]
+
+
+def run_program(path: Path, model=None, backend=None):
+    text = path.read_text(encoding="utf-8")
+    inputs = ast.literal_eval(header(text, "inputs")[0]) if header(text, "inputs") else {}
+    decoder = lmql.argmax(backend=backend) if "distribution" not in text else None
+    if decoder is None and backend is not None:
+        decoder = lmql.argmax(backend=backend)
+    return run_until_complete(lambda: execute(text, model=model or "local:builtin:tiny", decoder=decoder, **inputs))
+
+
+def plain(result):
+    return result.prompt, result.variables, result.return_value
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    return {path.name: run_program(path) for path in PROGRAMS}
+
+
+@pytest.mark.parametrize("path", PROGRAMS, ids=lambda p: p.stem)
+def test_program_runs_in_process_and_its_checks_hold(path, in_process):
+    result = in_process[path.name]
+    checks = header(path.read_text(encoding="utf-8"), "check")
+    assert checks, f"{path.name} has no '# check:' line"
+    scope = {"prompt": result.prompt, "variables": result.variables, "value": result.return_value}
+    for check in checks:
+        assert eval(check, scope), (check, plain(result))  # noqa: S307 - the corpus's own checks
+
+
+@pytest.mark.parametrize("server", ["new_server", "legacy_server"])
+def test_servers_agree_with_in_process(server, in_process, request):
+    handle = request.getfixturevalue(server)
+    model = lmql.model("builtin:tiny", endpoint=handle.endpoint)
+    backend = "legacy" if server == "legacy_server" else None
+    for path in PROGRAMS:
+        result = run_program(path, model, backend)
+        expected = in_process[path.name]
+        if "P(ANSWER)" in expected.variables:  # probabilities agree up to float noise
+            for key in ("P(ANSWER)", "log P(ANSWER)"):
+                assert [o for o, _ in result.variables.pop(key)] == [o for o, _ in expected.variables[key]]
+            expected = type(expected)(expected.prompt, {k: v for k, v in expected.variables.items() if "P(" not in k},
+                                      return_value=expected.return_value)
+        assert plain(result) == plain(expected), path.name
+
+
+def test_run_gives_the_return_value_and_run_file_prints_it(tmp_path, capsys):
+    from lmql_backends.cli import main
+
+    assert lmql.run_sync('"x[X]" where len(TOKENS(X)) < 2\nreturn 41 + 1') == 42
+    path = tmp_path / "q.lmql"
+    path.write_text('"Hello[WHO]" where len(TOKENS(WHO)) < 3\nreturn WHO.upper()\n')
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and "return value:" in out
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ('argmax "Q [A]" from "openai/text-davinci-003"', "'openai/text-davinci-003' is an OpenAI model"),
+    ('"Q [A]" from "chatgpt"', "model=lmql.model"),
+    ('argmax "Q [A]" from lmql.model("openai/gpt-3.5-turbo-instruct")', "local:NAME"),
+])
+def test_openai_models_are_named_with_the_way_out(query, fragment):
+    with pytest.raises(InvalidRequestError, match=fragment) as info:
+        lmql.run_sync(query)
+    assert not isinstance(info.value, QuerySyntaxError)
+
+
+def test_lmql_only_imports_name_what_is_missing():
+    with pytest.raises(InvalidRequestError, match="lmql.demo import gsm8k_samples"):
+        lmql.run_sync('from lmql.demo import gsm8k_samples\n"{gsm8k_samples()}[X]"')
+
+
+def test_undefined_names_say_how_to_pass_them():
+    with pytest.raises(InvalidRequestError, match=r"pass it as an input \(run\(query, question=...\)\)"):
+        lmql.run_sync('"Q: {question} [A]" where len(TOKENS(A)) < 2')
+
+
+def test_statement_where_applies_to_its_own_holes_only():
+    """LMQL's reference: the constraint of "Hello, [NAME]!" does not apply to "Another [NAME]"."""
+    result = lmql.run_sync('"Hello,[NAME]" where len(TOKENS(NAME)) == 1\n"Another[NAME]" where len(TOKENS(NAME)) == 3')
+    first, second = result.prompt.split("Another")
+    tokenizer = lmql.runtime.models.shared_tokenizer("builtin:tiny")
+    assert len(tokenizer(second, add_special_tokens=False).input_ids) == 3
+    assert result.variables["NAME"] == second
+
+
+def test_query_function_from_python_sync_and_async():
+    @lmql.query
+    def greet(name):
+        '''lmql
+        "Hello {name},[X]" where len(TOKENS(X)) < 3
+        return name + X
+        '''
+
+    value = greet("Ann")
+    assert isinstance(value, str) and value.startswith("Ann")
+    assert asyncio.run(greet.call("Ann")) == value
