@@ -79,6 +79,18 @@ class _StreamingDecorator(LMQLDecorator):
         return value
 
 
+class MessageDecorator(LMQLDecorator):
+    """LMQL's ``@message`` (``from lmql.lib.chat import message``): marks a user-facing chat message.
+
+    LMQL hands a marked variable to a chat output writer (its chat server streams it to the
+    user) and leaves the value as it is; lmql-backends has no output writers, so the value and
+    the prompt are unchanged, as in LMQL when no chat output writer is attached.
+    """
+
+
+message = MessageDecorator()
+
+
 def pre(function: Callable) -> LMQLDecorator:
     """Mark `function(variable, context)` as a pre-processing decorator."""
     return _PreDecorator(function)

@@ -156,15 +156,41 @@ class _ClauseSplitter:
         start = self.tokens[first]
         if start.type == tokens.NAME and start.string in CLAUSE_KEYWORDS and not self.is_python_from(first):
             raise QuerySyntaxError(f"expected a prompt (a query string) before {start.string!r}", *position(start.start))
-        if start.type != tokens.NAME or self.looks_like_statement(first):
-            return [("prompt", start.start, start.start)]
-        if start.string not in DECODER_NAMES and not self.is_followed_by_string(first):
-            return [("prompt", start.start, start.start)]  # Python: import x, def f(), print(...)
+        if start.type != tokens.NAME or self.looks_like_statement(first) or (
+                start.string not in DECODER_NAMES and not self.is_followed_by_string(first)):
+            # Python first (import x, def f(), x = 1): a prologue if a decoder clause follows
+            decoder = self.prologue_decoder(first)
+            if decoder is None:
+                return [("prompt", start.start, start.start)]
+            return [("prologue", start.start, start.start)] + self.decoder_at(decoder)
         if start.string not in DECODER_NAMES:
             raise QuerySyntaxError(
                 f"unknown decoder {start.string!r}; expected one of {', '.join(DECODER_NAMES)} "
                 "or a query string", *position(start.start),
             )
+        return self.decoder_at(first)
+
+    def prologue_decoder(self, first: int) -> int | None:
+        """The decoder keyword after Python statements (LMQL's prologue), or None.
+
+        As in LMQL, the first decoder name that starts a top-level line (``argmax``,
+        ``sample(n=2)``, not ``argmax = ...`` or ``x.argmax``) starts the decoder clause; the
+        lines before it are Python run before the prompt.
+        """
+        depth, line_start = 0, True
+        for i in range(first, len(self.tokens)):
+            tok = self.tokens[i]
+            if (line_start and depth == 0 and tok.type == tokens.NAME and tok.string in DECODER_NAMES
+                    and tok.start[1] == 0 and not self.looks_like_statement(i)):
+                return i
+            depth += bracket_change(tok)
+            if tok.type not in (tokens.NL, tokens.COMMENT):
+                line_start = tok.type in (tokens.NEWLINE, tokens.INDENT, tokens.DEDENT)
+        return None
+
+    def decoder_at(self, first: int) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+        """The decoder clause at token `first` and the prompt clause after it."""
+        start = self.tokens[first]
         after = self.skip_call(first + 1)
         self.prompt_start = after
         body = self.significant(after)
@@ -307,7 +333,7 @@ class _QueryBuilder:
         by_keyword = {c.keyword: c for c in self.clauses}
         where = self.build_expression(by_keyword.get("where"))
         distribution = self.build_distribution(by_keyword.get("distribution"))
-        prompt = self.build_prompt(by_keyword["prompt"], where)
+        prompt = self.build_prompt(by_keyword["prompt"], where, by_keyword.get("prologue"))
         if distribution is not None and prompt.distribution is not None:
             raise QuerySyntaxError("a query has one distribution; drop the 'distribution' clause or the inline one",
                                    *position(by_keyword["distribution"].keyword_start))
@@ -343,13 +369,14 @@ class _QueryBuilder:
         shift = sum(1 for r, c in self.insertions if r == row and c <= col)
         return self.offsets[row - 1] + col + shift
 
-    def build_prompt(self, clause: _Clause, where: Expression | None) -> PromptProgram:
+    def build_prompt(self, clause: _Clause, where: Expression | None, prologue: _Clause | None) -> PromptProgram:
         row, col = clause.start
         line_before = self.text[self.offsets[row - 1]:self.offset(clause.start)] if row - 1 < len(self.offsets) else ""
         source, indent = dedent_body(self.body(clause), col, bool(line_before.strip()))
         if not source.strip():
             raise QuerySyntaxError("expected a prompt (a query string)", *position(clause.start))
-        return compile_prompt(source, clause.start[0], indent, query_globals(), where, source_name(self.text))
+        before = (self.body(prologue), prologue.start[0]) if prologue is not None else None
+        return compile_prompt(source, clause.start[0], indent, query_globals(), where, source_name(self.text), before)
 
     def build_decoder(self, clause: _Clause | None) -> DecoderClause | None:
         if clause is None:

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 
 from ..errors import InvalidRequestError, QuerySyntaxError
 from .calls import CallTransformer
-from .decorators import DecoratorChain, ProgramState, as_decorator
+from .decorators import DecoratorChain, ProgramState, as_decorator, message
 from .expression import DistributionClause, Expression, make_expression, parse_expression
 from .qstrings import ARGUMENTS_FUNCTION, Hole, Interpolation, Template, Text, is_query_string, parse_template, render_interpolation
 
@@ -38,6 +38,7 @@ IMPORT_FUNCTION = "__lmql_import__"
 LMQL_IMPORTS = {
     ("lmql.runtime.program_state", "ProgramState"): ProgramState,
     ("lmql.language.qstrings", "TemplateVariable"): Hole,
+    ("lmql.lib.chat", "message"): message,
 }
 
 
@@ -261,8 +262,8 @@ def import_name(module: str, name: str) -> Any:
     if (module, name) in LMQL_IMPORTS:
         return LMQL_IMPORTS[module, name]
     raise InvalidRequestError(
-        f"'from {module} import {name}' needs LMQL itself, which lmql-backends does not include; "
-        f"define {name} in the query or import it from your own module", name,
+        f"'from {module} import {name}': {module} is part of LMQL's library, not of lmql-backends (which runs "
+        f"LMQL's language on local models); define {name} in the query or import it from your own module", name,
     )
 
 
@@ -278,27 +279,39 @@ def check_input_names(inputs: dict[str, Any], hole_names: tuple[str, ...]) -> No
 
 
 def compile_prompt(source: str, line: int, column: int, globals_: dict[str, Any],
-                   where: Expression | None = None, filename: str = "<query>") -> PromptProgram:
-    """Compile the prompt clause `source`, which starts at (`line`, `column`) of the query."""
+                   where: Expression | None = None, filename: str = "<query>",
+                   prologue: tuple[str, int] | None = None) -> PromptProgram:
+    """Compile the prompt clause `source`, which starts at (`line`, `column`) of the query.
+
+    `prologue` is (source, line) of the Python before the decoder clause (``import re``,
+    ``def f(x): ...`` above ``argmax ... from ... where``): it runs first, as plain Python (its
+    strings are not prompt statements, its calls are not awaited), as LMQL runs it at module
+    level; its names are the query's.
+    """
     module = parse_statements(source, line, column)
     rewriter = _PromptRewriter(column)
     module = rewriter.visit(module)
     module = CallTransformer(frozenset({PROMPT_FUNCTION, IMPORT_FUNCTION})).visit(module)
     statements = tuple(rewriter.statements)
-    if where is None and len(module.body) == 1 and len(statements) == 1 and statements[0].where is not None:
+    is_one_statement = len(module.body) == 1 and len(statements) == 1
+    if prologue is not None:
+        module.body[:0] = _ImportRewriter().visit(parse_statements(prologue[0], prologue[1], 0, "prologue")).body
+    if where is None and is_one_statement and statements[0].where is not None:
         # a query of one prompt statement: its where is the query's where (same meaning)
         where, statements = statements[0].where, (dataclasses.replace(statements[0], where=None),)
     return PromptProgram(module, statements, {"__builtins__": builtins, **globals_}, where, rewriter.distribution,
                          filename)
 
 
-def parse_statements(source: str, line: int, column: int) -> ast.Module:
+def parse_statements(source: str, line: int, column: int, clause: str = "prompt") -> ast.Module:
     try:
         module = ast.parse(source, "<query>", "exec")
     except SyntaxError as exc:
         raise QuerySyntaxError(
-            f"the prompt clause is not valid: {exc.msg}", line + (exc.lineno or 1) - 1, (exc.offset or 1) + column
+            f"the {clause} clause is not valid: {exc.msg}", line + (exc.lineno or 1) - 1, (exc.offset or 1) + column
         ) from None
+    if not module.body and clause == "prologue":
+        return module
     if not module.body:
         raise QuerySyntaxError("expected a prompt: at least one query string", line, column + 1)
     ast.increment_lineno(module, line - 1)
@@ -316,7 +329,25 @@ def inline_clause(node: ast.expr) -> tuple[str | None, ast.expr | None]:
     return "where", right
 
 
-class _PromptRewriter(ast.NodeTransformer):
+class _ImportRewriter(ast.NodeTransformer):
+    """``import lmql`` is dropped (``lmql`` is this package), ``from lmql.X import Y`` looked up."""
+
+    def visit_Import(self, node: ast.Import) -> ast.AST | None:
+        names = [alias for alias in node.names if not (alias.name == "lmql" and alias.asname is None)]
+        return ast.copy_location(ast.Import(names), node) if names else ast.copy_location(ast.Pass(), node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+        if not (node.module or "").split(".")[0] == "lmql" or node.level:
+            return node
+        assignments = [
+            ast.Assign([ast.Name(alias.asname or alias.name, ast.Store())], ast.Call(
+                ast.Name(IMPORT_FUNCTION, ast.Load()), [ast.Constant(node.module), ast.Constant(alias.name)], []))
+            for alias in node.names
+        ]
+        return [ast.copy_location(a, node) for a in assignments]
+
+
+class _PromptRewriter(_ImportRewriter):
     """Turns each prompt statement into an awaited prompt call; leaves nested functions alone."""
 
     def __init__(self, column: int):
@@ -354,20 +385,6 @@ class _PromptRewriter(ast.NodeTransformer):
             raise QuerySyntaxError("a query has one distribution", line, column)
         values = make_expression(clause.comparators[0], (clause.lineno, clause.col_offset + self.column))
         return DistributionClause(clause.left.id, values)
-
-    def visit_Import(self, node: ast.Import) -> ast.AST | None:
-        names = [alias for alias in node.names if not (alias.name == "lmql" and alias.asname is None)]
-        return ast.copy_location(ast.Import(names), node) if names else ast.copy_location(ast.Pass(), node)
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
-        if not (node.module or "").split(".")[0] == "lmql" or node.level:
-            return node
-        assignments = [
-            ast.Assign([ast.Name(alias.asname or alias.name, ast.Store())], ast.Call(
-                ast.Name(IMPORT_FUNCTION, ast.Load()), [ast.Constant(node.module), ast.Constant(alias.name)], []))
-            for alias in node.names
-        ]
-        return [ast.copy_location(a, node) for a in assignments]
 
     def skip(self, node: ast.AST) -> ast.AST:
         return node  # strings in nested functions and classes are Python strings (docstrings), as in LMQL

@@ -153,3 +153,40 @@ def test_indented_where_after_one_line_from_is_a_clause():
     query = parse_query('argmax "Hello[WHO]" from "local:builtin:tiny"\n    where len(TOKENS(WHO)) < 3')
     assert query.where.source == "len(TOKENS(WHO)) < 3"
     assert query.model.source == '"local:builtin:tiny"'
+
+
+PROLOGUE = '''
+import re
+argmax_count = 2
+def argmax_of(items):
+    return max(items)
+class Holder:
+    sample = 1
+Holder.sample
+sample(n=2, seed=3)
+    "{argmax_of([1, argmax_count])} [X]"
+from
+    "local:builtin:tiny"
+where
+    len(TOKENS(X)) < 3
+'''
+
+
+def test_prologue_before_the_decoder_clause_is_python_run_first():
+    """LMQL's prologue: the first decoder name starting a top-level line starts the decoder
+    clause (not ``argmax_count = 2``, ``Holder.sample`` or a name inside a def or class)."""
+    query = parse_query(PROLOGUE)
+    assert query.decoder.name == "sample" and [n for n, _ in query.decoder.arguments] == ["n", "seed"]
+    assert query.model.source == '"local:builtin:tiny"' and query.where.source == "len(TOKENS(X)) < 3"
+    trace, seen = run_program(PROLOGUE, {}, ["x"])
+    assert trace.prompt == "2 x" and seen == [("X", "2 ")]
+
+
+def test_prologue_strings_are_python_not_prompt_statements():
+    trace, _ = run_program('"""a docstring"""\nargmax\n    "Hi[X]"', {}, ["!"])
+    assert trace.prompt == "Hi!"
+
+
+def test_prologue_syntax_errors_name_the_prologue():
+    with pytest.raises(QuerySyntaxError, match=r"the prologue clause is not valid.*line 1"):
+        parse_query('def f(x) x\nargmax "x[X]"')
