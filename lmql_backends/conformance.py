@@ -619,7 +619,10 @@ def load_cases(paths: Sequence[str]) -> list[ConformanceCase]:
 
 
 def read_case(path: pathlib.Path) -> ConformanceCase:
-    return ConformanceCase(str(path), path.read_text(encoding="utf-8"))
+    from .language.parser import file_inputs  # language: a file's ``# inputs: {...}`` line
+
+    text = path.read_text(encoding="utf-8")
+    return ConformanceCase(str(path), text, tuple(file_inputs(text, str(path)).items()))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,6 +115,26 @@ def strip_lmql_marker(source: str) -> str:
     return source
 
 
+INPUTS_HEADER = "# inputs:"
+
+
+def file_inputs(text: str, name: str = "the query") -> dict[str, Any]:
+    """The inputs a query file names in a ``# inputs: {"person": "Ann"}`` comment line ({} without one)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip().startswith(INPUTS_HEADER):
+            literal = line.strip()[len(INPUTS_HEADER):].strip()
+            try:
+                inputs = ast.literal_eval(literal)
+            except (ValueError, SyntaxError):
+                inputs = None
+            if not (isinstance(inputs, dict) and all(isinstance(k, str) for k in inputs)):
+                raise QuerySyntaxError(f"{name}: '# inputs:' must be followed by a Python dict literal with "
+                                       f"string keys, e.g. # inputs: {{\"person\": \"Ann\"}}; got {literal!r}",
+                                       number, line.index("#") + 1)
+            return inputs
+    return {}
+
+
 @functools.lru_cache(maxsize=256)
 def parse_query(source: str) -> Query:
     """Parse `source` into a :class:`Query`; raises QuerySyntaxError with line and column."""

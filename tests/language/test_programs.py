@@ -8,7 +8,6 @@ same prompt, variables and return value, and the checks hold.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 import lmql_backends as lmql
 from lmql_backends.errors import InvalidRequestError, QuerySyntaxError
+from lmql_backends.language.parser import file_inputs
 from lmql_backends.runtime.api import execute, run_until_complete
 
 pytestmark = pytest.mark.timeout(600)
@@ -30,7 +30,7 @@ def header(text: str, key: str) -> list[str]:
 
 def run_program(path: Path, model=None, backend=None):
     text = path.read_text(encoding="utf-8")
-    inputs = ast.literal_eval(header(text, "inputs")[0]) if header(text, "inputs") else {}
+    inputs = file_inputs(text, path.name)
     decoder = lmql.argmax(backend=backend) if "distribution" not in text else None
     if decoder is None and backend is not None:
         decoder = lmql.argmax(backend=backend)
@@ -124,3 +124,19 @@ def test_query_function_from_python_sync_and_async():
     value = greet("Ann")
     assert isinstance(value, str) and value.startswith("Ann")
     assert asyncio.run(greet.call("Ann")) == value
+
+
+def test_conformance_command_takes_the_corpus_with_its_inputs(new_server, legacy_server, capsys):
+    """`lmql-backends conformance FILES` runs every corpus program (with its ``# inputs:``) on the three backends."""
+    from lmql_backends.cli import main
+
+    argv = ["conformance", "--endpoint", new_server.endpoint, "--legacy-endpoint", legacy_server.endpoint,
+            *map(str, PROGRAMS)]
+    assert main(argv) == 0
+    assert f"all {len(PROGRAMS)} queries agree" in capsys.readouterr().out
+
+
+def test_a_bad_inputs_line_is_named():
+    with pytest.raises(QuerySyntaxError, match=r"q.lmql: '# inputs:' must be followed by a Python dict literal"):
+        file_inputs('# inputs: person="Ann"\n"Hi {person}"', "q.lmql")
+    assert file_inputs('# inputs: {"person": "Ann"}\n"Hi {person}"') == {"person": "Ann"}
