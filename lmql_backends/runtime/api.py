@@ -258,7 +258,24 @@ def parse_decoder_text(text: str) -> DecoderClause:
     return make_decoder_clause(node, text, (1, 0))
 
 
+# LMQL 0.7's other decoders (src/lmql/runtime/dclib/decoders.py) and why none is ``beam`` renamed
+LMQL_ONLY_DECODERS = {
+    "beam_var": "beam search pooled by the variable being decoded, length-normalised scores "
+                "and dynamic beam allocation (Post and Vilar)",
+    "var": "variable-level beam search: b candidate values per variable, sampled by default",
+    "best_k": "best-first search with a token budget, a time-decayed length-normalised score "
+              "and a heap of partial sequences",
+    "beam_sample": "beam search whose n continuations per beam are sampled, not the top n",
+}
+
+
 def evaluate_decoder(clause: DecoderClause, inputs: dict[str, Any]) -> DecoderSpec:
+    if clause.name in LMQL_ONLY_DECODERS:
+        raise InvalidRequestError(
+            f"decoder {clause.name!r} is an LMQL decoder ({LMQL_ONLY_DECODERS[clause.name]}), "
+            "which lmql-backends does not implement; use argmax, sample(n=..., temperature=...) or beam(n=...)",
+            "decoder",
+        )
     scope = {**query_globals(), **inputs}
     return make_decoder(clause.name, **{name: expr.evaluate(scope) for name, expr in clause.arguments})
 

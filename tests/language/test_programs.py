@@ -140,3 +140,12 @@ def test_a_bad_inputs_line_is_named():
     with pytest.raises(QuerySyntaxError, match=r"q.lmql: '# inputs:' must be followed by a Python dict literal"):
         file_inputs('# inputs: person="Ann"\n"Hi {person}"', "q.lmql")
     assert file_inputs('# inputs: {"person": "Ann"}\n"Hi {person}"') == {"person": "Ann"}
+
+
+@pytest.mark.parametrize("decoder", ["beam_var", "var", "best_k", "beam_sample"])
+def test_lmql_decoders_not_implemented_are_named_with_those_that_exist(decoder):
+    for query, kwargs in ((f'{decoder}(n=2) "x[X]" where len(TOKENS(X)) < 2', {}),
+                          ('"x[X]" where len(TOKENS(X)) < 2', {"decoder": f"{decoder}(n=2)"})):
+        with pytest.raises(InvalidRequestError, match=rf"decoder '{decoder}' is an LMQL decoder \(.*\), which "
+                                                      r"lmql-backends does not implement; use argmax, sample"):
+            lmql.run_sync(query, **kwargs)
