@@ -21,7 +21,9 @@
     summary = summarize("...")           # the one variable's value (a dict with several)
 
 The keywords `model` and `decoder` of `run` are reserved; every other keyword is a query input.
-A `model`/`decoder` given to the call wins over the query's ``from``/decoder clause. A program
+A `model`/`decoder` given to the call wins over the query's ``from``/decoder clause. A query
+function (or ``lmql.F``) called inside a running query, with no model of its own (none given to
+`@query`/`F` or the call, no ``from`` clause), runs on the caller's model and backend. A program
 with ``return X`` gives X instead of its QueryResult, as in LMQL (`execute` always gives the
 QueryResult, whose `return_value` holds X). An ``@query`` function is an async function; one
 declared with plain ``def`` returns its result directly when no event loop is running (LMQL's
@@ -35,6 +37,8 @@ import ast
 import asyncio
 import builtins
 import concurrent.futures
+import contextvars
+import dataclasses
 import functools
 import inspect
 import sys
@@ -71,11 +75,32 @@ async def execute(query: "str | Query", /, *, model: ModelArg = None, decoder: D
     """
     parsed = query if isinstance(query, Query) else parse_query(query)
     spec = resolve_decoder(parsed, decoder, inputs)
-    client = make_client(resolve_model(parsed, model, inputs), spec.backend, spec.chunk_timeout)
+    model_spec = resolve_model(parsed, model, inputs)
+    caller = CALLER.get()
+    if caller is not None and model is None and parsed.model is None:
+        # a query function called inside a query: the caller's model, on the caller's backend
+        model_spec = caller.model
+        if spec.backend is None:
+            spec = dataclasses.replace(spec, backend=caller.decoder.backend, chunk_timeout=caller.decoder.chunk_timeout)
+    client = make_client(model_spec, spec.backend, spec.chunk_timeout)
+    token = CALLER.set(Caller(model_spec, spec))
     try:
         return await decode(parsed, client, spec, inputs, scope)
     finally:
+        CALLER.reset(token)
         await client.aclose()
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """The model and decoder of the running query: what a query function called inside it runs on."""
+
+    model: ModelSpec
+    decoder: DecoderSpec
+
+
+# set while a query runs (contextvars follow awaits and the tasks a query starts)
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("lmql_backends_caller", default=None)
 
 
 def returned_values(results: "QueryResult | list[QueryResult]") -> Any:

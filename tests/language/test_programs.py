@@ -149,3 +149,29 @@ def test_lmql_decoders_not_implemented_are_named_with_those_that_exist(decoder):
         with pytest.raises(InvalidRequestError, match=rf"decoder '{decoder}' is an LMQL decoder \(.*\), which "
                                                       r"lmql-backends does not implement; use argmax, sample"):
             lmql.run_sync(query, **kwargs)
+
+
+INNER_CALLS = '''
+@lmql.query
+def word():
+    \'\'\'lmql
+    "One word:[W]" where len(TOKENS(W)) < 3
+    return W
+    \'\'\'
+summarize = lmql.F("Summary:[S]", "len(TOKENS(S)) < 3")
+"no holes here"
+return word(), summarize()
+'''
+
+
+@pytest.mark.parametrize("server", ["new_server", "legacy_server"])
+def test_query_functions_called_in_a_query_run_on_the_callers_model_and_backend(server, request):
+    """The outer query generates nothing: every token the server computes is for the inner calls."""
+    handle = request.getfixturevalue(server)
+    engine = handle.state.engine
+    backend = "legacy" if server == "legacy_server" else None
+    before = engine.stats().num_prompt_tokens
+    remote = lmql.run_sync(INNER_CALLS, model=lmql.model("builtin:tiny", endpoint=handle.endpoint),
+                           decoder=lmql.argmax(backend=backend))
+    assert engine.stats().num_prompt_tokens > before
+    assert remote == lmql.run_sync(INNER_CALLS, model="local:builtin:tiny")
