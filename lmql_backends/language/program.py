@@ -70,6 +70,7 @@ class HoleContext:
     program: "PromptProgram | None" = None
     statement: PromptStatement | None = None
     hole: Hole | None = None
+    frame: tuple[int, ...] = ()  # which (nested) query execution: each has its own finished variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,9 @@ class StopProgram(Exception):
 
 
 HoleFiller = Callable[[HoleContext], Awaitable[FilledHole]]
+"""Fills a hole. A filler may also have ``record(context, filled)``: the program calls it with
+a value the filler did not generate or that a decorator changed (a nested query's result, a
+``@pre`` decorator's fixed value), so that later constraints see the variable's final value."""
 NO_RETURN = object()
 
 
@@ -146,13 +150,14 @@ class PromptProgram:
         return namespace[QUERY_FUNCTION]
 
     async def execute(self, inputs: dict[str, Any], fill: HoleFiller, scope: dict[str, Any] | None = None,
-                      prompt: str = "") -> ProgramTrace:
+                      prompt: str = "", frame: tuple[int, ...] = ()) -> ProgramTrace:
         """Run the prompt once with `inputs`; `fill` provides every hole's value.
 
         `scope` adds names the program sees (an ``@lmql.query`` function's defining scope);
-        `prompt` is the text before the program's first statement (a nested query's context).
+        `prompt` is the text before the program's first statement (a nested query's context);
+        `frame` names this execution among nested ones (its holes carry it).
         """
-        execution = _Execution(self, fill, {**self.globals, **(scope or {})}, prompt)
+        execution = _Execution(self, fill, {**self.globals, **(scope or {})}, prompt, frame)
         try:
             execution.trace.return_value = await execution.run(inputs)
         except StopProgram as stop:
@@ -164,9 +169,11 @@ class PromptProgram:
 class _Execution:
     """The state of one run: the prompt text so far and the hole values."""
 
-    def __init__(self, program: PromptProgram, fill: HoleFiller, globals_: dict[str, Any], prompt: str):
-        self.program, self.fill, self.globals = program, fill, globals_
+    def __init__(self, program: PromptProgram, fill: HoleFiller, globals_: dict[str, Any], prompt: str,
+                 frame: tuple[int, ...] = ()):
+        self.program, self.fill, self.globals, self.frame = program, fill, globals_, frame
         self.trace = ProgramTrace(prompt=prompt)
+        self.num_nested = 0
 
     async def run(self, inputs: dict[str, Any]) -> Any:
         check_input_names(inputs, self.program.hole_names)
@@ -209,12 +216,24 @@ class _Execution:
             value, text = await self.generate(statement, hole, scope)
         if chain is not None:
             value, text = chain.post(value, text, context)
+        if fixed is not None or hole.type_name == "query" or chain is not None:
+            self.record(statement, hole, scope, FilledHole(text, value))
         self.trace.prompt += text
         self.trace.variables[hole.name] = scope[hole.name] = value
         return value
 
+    def context(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any]) -> HoleContext:
+        return HoleContext(hole.name, hole.type_name, self.trace.prompt, dict(scope), self.program, statement, hole,
+                           self.frame)
+
+    def record(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any], filled: FilledHole) -> None:
+        """Tell the filler a value it did not generate as it is (see `HoleFiller`)."""
+        record = getattr(self.fill, "record", None)
+        if record is not None:
+            record(self.context(statement, hole, scope), filled)
+
     async def generate(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any]) -> tuple[Any, str]:
-        context = HoleContext(hole.name, hole.type_name, self.trace.prompt, dict(scope), self.program, statement, hole)
+        context = self.context(statement, hole, scope)
         try:
             filled = await self.fill(context)
         except StopProgram as stop:
@@ -243,7 +262,8 @@ class _Execution:
             )
         program, inputs, nested_scope = nested(args, kwargs)
         before = self.trace.prompt
-        trace = await program.execute(inputs, self.fill, nested_scope, before)
+        self.num_nested += 1
+        trace = await program.execute(inputs, self.fill, nested_scope, before, self.frame + (self.num_nested,))
         if trace.is_truncated:
             raise StopProgram(FilledHole(trace.prompt[len(before):], trace.prompt[len(before):]))
         if trace.has_return_value:

@@ -221,21 +221,40 @@ def sampling_params(spec: DecoderSpec, seed: int) -> SamplingParams:
 
 # ---- argmax and sampling ---------------------------------------------------------------------------
 
-class GeneratingFiller:
+class FrameRecords:
+    """language: the finished variables of each (nested) query execution, `HoleContext.frame`.
+
+    A nested query's variables are its own (LMQL's stack frame); `record` takes a value the
+    program set itself (a nested query's result, a decorator's value).
+    """
+
+    def __init__(self, session: QuerySession):
+        self.session = session
+        self.frames: dict[tuple[int, ...], dict[str, VariableRecord]] = {}
+
+    def records(self, hole: HoleContext) -> dict[str, VariableRecord]:
+        return self.frames.setdefault(hole.frame, {})
+
+    def record(self, hole: HoleContext, filled: FilledHole) -> None:
+        ids = self.session.client.tokenizer(filled.text, add_special_tokens=False).input_ids
+        self.records(hole)[hole.variable] = VariableRecord(filled.text, filled.value, len(ids))
+
+
+class GeneratingFiller(FrameRecords):
     """Fills each hole by generating it (argmax or seeded sampling)."""
 
     def __init__(self, session: QuerySession, sampling: SamplingParams):
-        self.session, self.sampling = session, sampling
-        self.records: dict[str, VariableRecord] = {}
+        super().__init__(session)
+        self.sampling = sampling
         self.distribution: list[OptionScore] | None = None
 
     async def __call__(self, hole: HoleContext) -> FilledHole:
         if self.session.is_distribution(hole):
-            filled, self.distribution = await self.session.fill_distribution(hole, self.records)
+            filled, self.distribution = await self.session.fill_distribution(hole, self.records(hole))
             return filled
-        constraints, ids = self.session.start_variable(hole, self.records)
+        constraints, ids = self.session.start_variable(hole, self.records(hole))
         progress = await generate_variable(self.session, constraints, ids, self.sampling)
-        return self.session.finish_variable(hole, progress, self.records)
+        return self.session.finish_variable(hole, progress, self.records(hole))
 
 
 async def run_sampled(session: QuerySession, sampling: SamplingParams) -> QueryResult:
@@ -329,23 +348,23 @@ class _Suspended(Exception):
         self.pending = pending
 
 
-class ReplayFiller:
+class ReplayFiller(FrameRecords):
     """Fills holes with a beam's finished values, and suspends at the next one."""
 
     def __init__(self, session: QuerySession, holes: tuple[Progress, ...]):
-        self.session, self.holes = session, holes
-        self.records: dict[str, VariableRecord] = {}
+        super().__init__(session)
+        self.holes = holes
         self.distribution: list[OptionScore] | None = None
         self.index = 0
 
     async def __call__(self, hole: HoleContext) -> FilledHole:
         if self.session.is_distribution(hole):
-            filled, self.distribution = await self.session.fill_distribution(hole, self.records)
+            filled, self.distribution = await self.session.fill_distribution(hole, self.records(hole))
             return filled
         if self.index < len(self.holes):
             self.index += 1
-            return self.session.finish_variable(hole, self.holes[self.index - 1], self.records)
-        constraints, ids = self.session.start_variable(hole, self.records)
+            return self.session.finish_variable(hole, self.holes[self.index - 1], self.records(hole))
+        constraints, ids = self.session.start_variable(hole, self.records(hole))
         raise _Suspended(PendingHole(hole, constraints, ids))
 
 
