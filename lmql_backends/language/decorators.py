@@ -4,9 +4,14 @@ A plain function is a post-processing decorator: called with the finished value 
 parameter) or with ``(value, prompt_value, context)``; it returns the new value (the prompt
 gets ``str(value)``), a ``(value, prompt_value)`` tuple, or None (no change). ``@pre``
 functions run before the variable is generated: returning anything but the variable they are
-given fixes the value and skips generation. ``@streaming`` functions see the value; here they
-are called once, with the finished value. Classes implementing `LMQLDecorator` hook every stage.
-Several decorators: ``pre`` runs left to right, ``post`` and ``stream`` right to left.
+given fixes the value and skips generation. ``@streaming`` functions (and `LMQLDecorator.stream`)
+are called, as in LMQL, with the variable's text so far while it is generated: with argmax and
+``sample``, after every token the decoder accepts (so a chunk of k tokens gives k calls), then
+once with the finished value before ``post``. Under ``beam`` (many partial values at once) and
+for a value that is not generated (a ``@pre`` decorator's, a nested query's) only that last call
+happens. Classes implementing `LMQLDecorator` hook every stage. Several decorators: ``pre`` runs
+left to right, ``post`` and ``stream`` right to left (a stream function's non-None return value
+is what the next one sees, as in LMQL).
 
 Inside a query, ``lmql.decorators.pre`` / ``lmql.decorators.streaming`` name these markers.
 """
@@ -75,8 +80,8 @@ class _StreamingDecorator(LMQLDecorator):
         self.arity = parameter_count(function)
 
     def stream(self, value, context):
-        self.function(value) if self.arity == 1 else self.function(value, context)
-        return value
+        result = self.function(value) if self.arity == 1 else self.function(value, context)
+        return value if result is None else result
 
 
 class MessageDecorator(LMQLDecorator):
@@ -130,9 +135,19 @@ class DecoratorChain:
                 return result if isinstance(result, tuple) else (result, str(result))
         return None
 
-    def post(self, value: Any, prompt_value: str, context: ProgramState) -> tuple[Any, str]:
+    @property
+    def has_stream(self) -> bool:
+        """Whether a decorator has a streaming stage (the others' `stream` change nothing)."""
+        return any(type(d).stream is not LMQLDecorator.stream for d in self.decorators)
+
+    def stream(self, value: Any, context: ProgramState) -> Any:
         for decorator in reversed(self.decorators):
-            decorator.stream(value, context)
+            result = decorator.stream(value, context)
+            value = value if result is None else result
+        return value
+
+    def post(self, value: Any, prompt_value: str, context: ProgramState) -> tuple[Any, str]:
+        self.stream(value, context)
         for decorator in reversed(self.decorators):
             value, prompt_value = decorator.post(value, prompt_value, context)
         return value, str(prompt_value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import builtins
 import dataclasses
+import functools
 import types
 from typing import Any, Awaitable, Callable
 
@@ -71,6 +72,7 @@ class HoleContext:
     statement: PromptStatement | None = None
     hole: Hole | None = None
     frame: tuple[int, ...] = ()  # which (nested) query execution: each has its own finished variables
+    stream: Callable[[str], None] | None = None  # streaming decorators: the value so far, after each token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +215,7 @@ class _Execution:
         elif hole.type_name == "query":
             value, text = await self.fill_nested(hole, scope)
         else:
-            value, text = await self.generate(statement, hole, scope)
+            value, text = await self.generate(statement, hole, scope, chain)
         if chain is not None:
             value, text = chain.post(value, text, context)
         if fixed is not None or hole.type_name == "query" or chain is not None:
@@ -222,9 +224,14 @@ class _Execution:
         self.trace.variables[hole.name] = scope[hole.name] = value
         return value
 
-    def context(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any]) -> HoleContext:
+    def context(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any],
+                chain: DecoratorChain | None = None) -> HoleContext:
+        stream = None
+        if chain is not None and chain.has_stream:
+            state = ProgramState(self.trace.prompt, dict(self.trace.variables))
+            stream = functools.partial(chain.stream, context=state)
         return HoleContext(hole.name, hole.type_name, self.trace.prompt, dict(scope), self.program, statement, hole,
-                           self.frame)
+                           self.frame, stream)
 
     def record(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any], filled: FilledHole) -> None:
         """Tell the filler a value it did not generate as it is (see `HoleFiller`)."""
@@ -232,8 +239,9 @@ class _Execution:
         if record is not None:
             record(self.context(statement, hole, scope), filled)
 
-    async def generate(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any]) -> tuple[Any, str]:
-        context = self.context(statement, hole, scope)
+    async def generate(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any],
+                       chain: DecoratorChain | None = None) -> tuple[Any, str]:
+        context = self.context(statement, hole, scope, chain)
         try:
             filled = await self.fill(context)
         except StopProgram as stop:

@@ -253,7 +253,7 @@ class GeneratingFiller(FrameRecords):
             filled, self.distribution = await self.session.fill_distribution(hole, self.records(hole))
             return filled
         constraints, ids = self.session.start_variable(hole, self.records(hole))
-        progress = await generate_variable(self.session, constraints, ids, self.sampling)
+        progress = await generate_variable(self.session, constraints, ids, self.sampling, hole.stream)
         return self.session.finish_variable(hole, progress, self.records(hole))
 
 
@@ -264,16 +264,19 @@ async def run_sampled(session: QuerySession, sampling: SamplingParams) -> QueryR
 
 
 async def generate_variable(session: QuerySession, constraints: VariableConstraints, ids: Sequence[int],
-                            sampling: SamplingParams) -> Progress:
-    """Generate one variable to its end, chunk by chunk."""
+                            sampling: SamplingParams, stream=None) -> Progress:
+    """Generate one variable to its end, chunk by chunk.
+
+    language: `stream(text)`, if given, is called with the variable's text after each accepted token.
+    """
     progress = Progress()
     while not progress.is_finished:
-        progress = await generate_chunk(session, constraints, ids, progress, sampling)
+        progress = await generate_chunk(session, constraints, ids, progress, sampling, stream)
     return progress
 
 
 async def generate_chunk(session: QuerySession, constraints: VariableConstraints, ids: Sequence[int],
-                         progress: Progress, sampling: SamplingParams) -> Progress:
+                         progress: Progress, sampling: SamplingParams, stream=None) -> Progress:
     """One `generate` call under the current mask, keeping the tokens that mask is valid for."""
     remaining = session.limit - len(ids) - progress.num_tokens
     if remaining <= 0:
@@ -286,10 +289,11 @@ async def generate_chunk(session: QuerySession, constraints: VariableConstraints
     choices = await session.client.generate(context, step.mask, max_tokens, sampling)
     if not choices:
         raise BackendError(f"the backend returned no token for {constraints.variable}; expected at least one")
-    return accept_tokens(constraints, progress, step.mask, [c.token_id for c in choices])
+    return accept_tokens(constraints, progress, step.mask, [c.token_id for c in choices], stream)
 
 
-def accept_tokens(constraints: VariableConstraints, progress: Progress, mask0, token_ids: Sequence[int]) -> Progress:
+def accept_tokens(constraints: VariableConstraints, progress: Progress, mask0, token_ids: Sequence[int],
+                  stream=None) -> Progress:
     """Apply returned tokens while the mask before each one equals `mask0`; drop the rest."""
     for j, token_id in enumerate(token_ids):
         if j > 0:
@@ -302,6 +306,8 @@ def accept_tokens(constraints: VariableConstraints, progress: Progress, mask0, t
                 break
         check_allowed(mask0, token_id, constraints.variable)
         progress = constraints.advance(progress, token_id)
+        if stream is not None:  # language: streaming decorators see each token
+            stream(progress.text)
     return progress
 
 

@@ -175,3 +175,10 @@ def test_query_functions_called_in_a_query_run_on_the_callers_model_and_backend(
                            decoder=lmql.argmax(backend=backend))
     assert engine.stats().num_prompt_tokens > before
     assert remote == lmql.run_sync(INNER_CALLS, model="local:builtin:tiny")
+
+
+def test_streaming_decorators_see_every_token_whatever_the_chunk_size():
+    query = (PROGRAMS[0].parent / "streaming_decorators.lmql").read_text()
+    chunked = lmql.run_sync(query, decoder="argmax(chunksize=16)")["seen"]
+    assert chunked == lmql.run_sync(query, decoder="argmax(chunksize=1)")["seen"]
+    assert len(chunked) >= 3 and chunked[-1] == chunked[-2]
