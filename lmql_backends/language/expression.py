@@ -41,7 +41,19 @@ def parse_expression(body: str, start: tuple[int, int], keyword: str) -> Express
     except SyntaxError as exc:
         line, column = syntax_error_position(exc, body, start)
         raise QuerySyntaxError(f"the {keyword!r} clause is not valid: {exc.msg}", line, max(column, 1)) from None
+    if keyword == "where":
+        node = without_await(node)
     return make_expression(node, start, body.strip())
+
+
+class _AwaitRemover(ast.NodeTransformer):
+    def visit_Await(self, node: ast.Await) -> ast.AST:
+        return self.visit(node.value)
+
+
+def without_await(node: ast.expr) -> ast.expr:
+    """``await f(x)`` in a where clause is ``f(x)``: its calls are awaited anyway (`calls.await_where_calls`)."""
+    return _AwaitRemover().visit(node)
 
 
 def syntax_error_position(exc: SyntaxError, body: str, start: tuple[int, int]) -> tuple[int, int]:

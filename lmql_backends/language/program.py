@@ -27,7 +27,7 @@ import types
 from typing import Any, Awaitable, Callable
 
 from ..errors import InvalidRequestError, QuerySyntaxError
-from .calls import CallTransformer
+from .calls import WHERE_CALL_FUNCTION, CallTransformer, await_where_calls
 from .decorators import DecoratorChain, ProgramState, as_decorator, message
 from .expression import DistributionClause, Expression, make_expression, parse_expression
 from .qstrings import ARGUMENTS_FUNCTION, Hole, Interpolation, Template, Text, is_query_string, parse_template, render_interpolation
@@ -241,7 +241,11 @@ class _Execution:
 
     async def generate(self, statement: PromptStatement, hole: Hole, scope: dict[str, Any],
                        chain: DecoratorChain | None = None) -> tuple[Any, str]:
-        context = self.context(statement, hole, scope, chain)
+        wheres = [w.node for w in (self.program.where, statement.where) if w is not None]
+        known = frozenset(self.trace.variables) - {hole.name}
+        names = {**scope, **self.trace.variables}
+        calls = await await_where_calls(wheres, names, known, frozenset(self.program.hole_names))
+        context = self.context(statement, hole, {**scope, WHERE_CALL_FUNCTION: calls}, chain)
         try:
             filled = await self.fill(context)
         except StopProgram as stop:

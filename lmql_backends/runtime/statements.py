@@ -4,12 +4,14 @@ LMQL applies a prompt statement's own ``where`` only while that statement's hole
 (``"-[THING]" where STOPS_AT(THING, "\\n")`` in a loop, ``"Another [NAME]"`` unconstrained after
 ``"Hello [NAME]" where ...``); the query's ``where`` clause applies to every hole. Typed holes
 add ``INT(X)`` (``[X: int]``) or ``REGEX(X, pattern)`` (``[X: r"..."]``) for that statement.
-Compiled once per statement and cached on it.
+Compiled once per statement and cached on it. Python calls in either ``where`` read the values
+the program awaited before the hole started (`language.calls.await_where_calls`).
 """
 
 from __future__ import annotations
 
-from ..language.expression import parse_expression
+from ..language.calls import rewrite_where_calls
+from ..language.expression import Expression, make_expression, parse_expression
 from ..language.program import PromptProgram, PromptStatement
 from .constraints import AllOf, ConstraintSet, compile_constraints
 
@@ -28,13 +30,22 @@ def compile_statement(program: PromptProgram, statement: PromptStatement) -> Con
     names = program.hole_names
     holes = statement.template.holes
     ints = frozenset(h.name for h in holes if h.type_name == "int")
-    parts = [compile_constraints(program.where, names), compile_constraints(statement.where, names, ints)]
+    parts = [compile_constraints(with_where_calls(program.where), names),
+             compile_constraints(with_where_calls(statement.where), names, ints)]
     for hole in holes:
         if hole.type_name == "regex":
             source = f"REGEX({hole.name}, {hole.pattern!r})"
             start = (statement.template.line, statement.template.column - 1)
             parts.append(compile_constraints(parse_expression(source, start, "type"), names))
     return merge(parts)
+
+
+def with_where_calls(where: Expression | None) -> Expression | None:
+    """`where` with its Python calls going through the hole's awaited values (`language.calls`)."""
+    if where is None:
+        return None
+    node = rewrite_where_calls(where.node)
+    return make_expression(node, (where.line, where.column - 1), where.source)
 
 
 def merge(parts: list[ConstraintSet]) -> ConstraintSet:

@@ -182,3 +182,15 @@ def test_streaming_decorators_see_every_token_whatever_the_chunk_size():
     chunked = lmql.run_sync(query, decoder="argmax(chunksize=16)")["seen"]
     assert chunked == lmql.run_sync(query, decoder="argmax(chunksize=1)")["seen"]
     assert len(chunked) >= 3 and chunked[-1] == chunked[-2]
+
+
+def test_an_async_check_on_the_variable_being_generated_says_it_cannot_wait():
+    query = 'async def ok(x):\n    return True\n"Hi[X]" where len(TOKENS(X)) < 3 and ok(X)'
+    with pytest.raises(InvalidRequestError, match=r"ok\(X\) in the where clause is async and depends on the variable"):
+        lmql.run_sync(query)
+
+
+def test_a_failing_where_call_names_the_variable_it_was_for():
+    query = 'def boom():\n    raise ValueError("no options")\n"Hi[X]" where X in boom()'
+    with pytest.raises(InvalidRequestError, match=r"failed while X starts: ValueError: no options"):
+        lmql.run_sync(query)
