@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence, TextIO
 from .client.base import LMClient, TokenChoice
 from .engine.sampling import SamplingParams
 from .errors import InvalidRequestError
+from .language.parser import file_inputs  # language: a query file's ``# inputs: {...}`` line
 from .runtime.models import LOCAL_PREFIX, ModelSpec, inprocess, make_client, model as make_model_spec
 
 TOLERANCE = 1e-4
@@ -619,8 +620,6 @@ def load_cases(paths: Sequence[str]) -> list[ConformanceCase]:
 
 
 def read_case(path: pathlib.Path) -> ConformanceCase:
-    from .language.parser import file_inputs  # language: a file's ``# inputs: {...}`` line
-
     text = path.read_text(encoding="utf-8")
     return ConformanceCase(str(path), text, tuple(file_inputs(text, str(path)).items()))
 
