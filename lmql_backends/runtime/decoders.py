@@ -25,6 +25,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import BackendError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError
 from ..language.parser import DistributionClause, Query
 from ..language.program import FilledHole, HoleContext, ProgramTrace, StopProgram
+from .chat import rendered_text
 from .constraints import ConstraintSet, Progress, VariableConstraints, VariableRecord, compile_constraints
 from .masks import same_mask
 from .result import QueryResult
@@ -230,7 +231,7 @@ class GeneratingFiller:
 async def run_sampled(session: QuerySession, sampling: SamplingParams) -> QueryResult:
     filler = GeneratingFiller(session, sampling)
     trace = await session.query.prompt.execute(session.inputs, filler)
-    return make_result(trace, session.distribution, filler.distribution)
+    return make_result(trace, session.distribution, filler.distribution, session.client.tokenizer)
 
 
 async def generate_variable(session: QuerySession, constraints: VariableConstraints, ids: Sequence[int],
@@ -347,7 +348,8 @@ async def replay(session: QuerySession, beam: Beam) -> Beam:
         return dataclasses.replace(beam, pending=suspended.pending)
     if filler.index != len(beam.holes):
         raise EngineError("the query's holes changed between replays; beam search needs a deterministic prompt")
-    return dataclasses.replace(beam, pending=None, result=make_result(trace, session.distribution, filler.distribution))
+    result = make_result(trace, session.distribution, filler.distribution, session.client.tokenizer)
+    return dataclasses.replace(beam, pending=None, result=result)
 
 
 async def complete_hole(session: QuerySession, beam: Beam, progress: Progress) -> Beam:
@@ -422,10 +424,12 @@ def log_sum_exp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in values))
 
 
-def make_result(trace: ProgramTrace, clause: DistributionClause | None, scores: list[OptionScore] | None) -> QueryResult:
+def make_result(trace: ProgramTrace, clause: DistributionClause | None, scores: list[OptionScore] | None,
+                tokenizer) -> QueryResult:
     variables = dict(trace.variables)
+    prompt = rendered_text(tokenizer, trace.prompt)  # role tags: the chat as the model saw it
     if clause is None or scores is None:
-        return QueryResult(trace.prompt, variables, is_truncated=trace.is_truncated)
+        return QueryResult(prompt, variables, is_truncated=trace.is_truncated)
     variables[f"P({clause.variable})"] = [(s.option, s.probability) for s in scores]
     variables[f"log P({clause.variable})"] = [(s.option, s.logprob) for s in scores]
-    return QueryResult(trace.prompt, variables, clause.variable, [s.option for s in scores], trace.is_truncated)
+    return QueryResult(prompt, variables, clause.variable, [s.option for s in scores], trace.is_truncated)
