@@ -69,7 +69,8 @@ def split_messages(text: str) -> ChatPrompt:
 def check_role(role: str) -> str:
     if role not in ROLES:
         raise InvalidRequestError(
-            f"unknown role tag <lmql:{role}/>; the roles are {', '.join(ROLES)} ({{:system}}, {{:user}}, {{:assistant}})",
+            f"unknown role tag <lmql:{role}/>; the roles are {', '.join(ROLES)} "
+            "({:system}, {:user}, {:assistant})",
             "prompt",
         )
     return role

@@ -21,6 +21,7 @@ from ..engine.process import EngineProcess
 from ..errors import (
     AuthenticationError, EndpointNotFoundError, InvalidRequestError, MethodNotAllowedError, RequestTooLargeError,
 )
+from ..chat_template import load_chat_template
 from ..loader import LoadedModel, LoadOptions, describe, load_model
 from .errors import classify, error_headers, openai_error_body
 
@@ -53,6 +54,8 @@ class ServerConfig:
     #: run the engine in a process of its own (engine/process.py) or in a thread of this one;
     #: None: a process for the new API (many streams), a thread for the legacy API (one round trip per token)
     engine_process: bool | None = None
+    #: the Jinja chat template of /v1/chat/completions (None: the tokenizer's own)
+    chat_template: str | None = None
 
     @property
     def is_engine_process(self) -> bool:
@@ -93,7 +96,7 @@ def get_state(request: web.Request) -> ServerState:
 
 def make_app(state: ServerState) -> web.Application:
     """The aiohttp application for `state`: shared endpoints plus one API's routes."""
-    from . import legacy_api, openai_api
+    from . import chat, legacy_api, openai_api
 
     app = web.Application(
         client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, auth_middleware]
@@ -104,6 +107,8 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
     (legacy_api if state.config.legacy else openai_api).add_routes(app)
+    if not state.config.legacy:
+        chat.add_routes(app)
     app.on_shutdown.append(stop_engine)
     return app
 
@@ -289,12 +294,24 @@ class ServerHandle:
         self.stop()
 
 
+def read_chat_template(value: str | None, legacy: bool) -> str | None:
+    """The template text of serve(chat_template=...): read before the model loads, so errors come first."""
+    if value is None:
+        return None
+    if legacy:
+        raise InvalidRequestError(
+            "chat_template is for /v1/chat/completions, which the legacy API has not; drop it or --legacy",
+            "chat_template",
+        )
+    return load_chat_template(value)
+
+
 def serve(
     model: str, *, host: str = "127.0.0.1", port: int = 8080, legacy: bool = False,
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
     drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
-    **load_kwargs,
+    chat_template: str | None = None, **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
@@ -305,13 +322,15 @@ def serve(
     lookahead (computing the likeliest next forward while the client chooses). ``engine_process``:
     run the engine in a process of its own (True) or in a thread of this process, sharing its GIL
     with the HTTP work (False); by default a process for the new API and a thread for the legacy
-    API, whose clients wait for one round trip per token. Other keywords are load options (``cuda``,
+    API, whose clients wait for one round trip per token. ``chat_template``: the Jinja chat template of
+    ``/v1/chat/completions`` (a file path or the template text) for a model whose tokenizer has none
+    or a wrong one. Other keywords are load options (``cuda``,
     ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
-        engine_process=engine_process,
+        engine_process=engine_process, chat_template=read_chat_template(chat_template, legacy),
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

@@ -52,7 +52,8 @@ def test_a_tag_starts_a_message_whose_content_is_stripped(parts, leading):
 def test_text_without_tags_is_unchanged(tokenizer):
     assert not has_role_tags("Hello <lmql world/>")
     assert rendered_text(tokenizer, "Hello there") == "Hello there"
-    assert prompt_ids(tokenizer, "Hello", tokenizer.bos_token_id) == [tokenizer.bos_token_id, *encode(tokenizer, "Hello")]
+    bos = tokenizer.bos_token_id
+    assert prompt_ids(tokenizer, "Hello", bos) == [bos, *encode(tokenizer, "Hello")]
 
 
 def test_unknown_role_and_text_before_the_first_tag_are_refused():
@@ -95,14 +96,16 @@ def test_no_template_renders_plain_role_lines_after_bos(plain_tokenizer):
     rendered = render_prompt(plain_tokenizer, text, plain_tokenizer.bos_token_id)
     prefix = "((system)): Be brief.\n((user)): Say hello.\n((assistant)):"
     assert rendered.text == prefix + " Hello"
-    assert rendered.ids == [plain_tokenizer.bos_token_id, *encode(plain_tokenizer, prefix), *encode(plain_tokenizer, " Hello")]
+    content_ids = encode(plain_tokenizer, " Hello")
+    assert rendered.ids == [plain_tokenizer.bos_token_id, *encode(plain_tokenizer, prefix), *content_ids]
 
 
 def test_template_that_refuses_the_messages_is_an_invalid_request(tokenizer):
-    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be the user') }}{% endif %}"
+    strict = ("{% if messages[0]['role'] != 'user' %}"
+              "{{ raise_exception('the first message must be the user') }}{% endif %}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = strict
-    with pytest.raises(InvalidRequestError, match="chat template refused the messages.*the first message must be the user"):
+    with pytest.raises(InvalidRequestError, match="chat template refused the messages.*first message must be the user"):
         render_prompt(tokenizer, "<lmql:system/>x<lmql:assistant/>", None)
 
 
