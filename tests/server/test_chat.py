@@ -116,6 +116,14 @@ def test_list_of_text_parts_is_the_same_as_their_joined_string(sdk, model):
     assert answers[0].usage == answers[1].usage
 
 
+def test_developer_role_is_taken_as_system(sdk, model):
+    developer = [{"role": "developer", "content": "Be brief."}, MESSAGES[1]]
+    answers = [sdk.chat.completions.create(model=model, messages=m, max_tokens=6, temperature=0)
+               for m in (developer, MESSAGES)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage == answers[1].usage
+
+
 def test_streamed_chat_sends_the_role_then_deltas_then_usage(sdk, model):
     whole = sdk.chat.completions.create(model=model, messages=MESSAGES, max_tokens=10, temperature=0)
     chunks = list(sdk.chat.completions.create(
