@@ -3,7 +3,9 @@
 A query string's ``{:system}``, ``{:user}`` and ``{:assistant}`` put the marker
 ``<lmql:ROLE/>`` (as LMQL 0.7.3 does) into the prompt text. A marker starts a message of that
 role; its content is the text up to the next marker, with leading and trailing white space
-stripped. The last message is the one being generated and is left open.
+stripped. The last message is the one being generated and is left open: no end of turn, and
+only its leading white space is stripped (generation continues from its text as written, so
+``{:assistant} A: [X] and [Y]`` shows the model ``and `` before Y, as a plain prompt would).
 
 The ids the model sees:
 
@@ -53,17 +55,18 @@ def has_role_tags(text: str) -> bool:
 def split_messages(text: str) -> ChatPrompt:
     """The messages of tagged prompt text; text before the first tag must be white space."""
     tags = list(ROLE_TAG.finditer(text))
-    before = text[: tags[0].start()] if tags else text
+    if not tags:
+        raise InvalidRequestError("the prompt has no role tag; use {:system}, {:user} or {:assistant}", "prompt")
+    before = text[: tags[0].start()]
     if before.strip():
         raise InvalidRequestError(
             f"the prompt has text before its first role tag ({before.strip()[:40]!r}); start it with "
             "{:system} or {:user}, or put that text inside a message", "prompt",
         )
-    messages = []
-    for tag, following in zip(tags, [*tags[1:], None]):
-        end = following.start() if following is not None else len(text)
-        messages.append(Message(check_role(tag.group(1)), text[tag.end():end].strip()))
-    return ChatPrompt(tuple(messages[:-1]), messages[-1])
+    closed = [Message(check_role(tag.group(1)), text[tag.end():following.start()].strip())
+              for tag, following in zip(tags, tags[1:])]
+    last = tags[-1]
+    return ChatPrompt(tuple(closed), Message(check_role(last.group(1)), text[last.end():].lstrip()))
 
 
 def check_role(role: str) -> str:

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.timeout(300)
 
 ROLES = ("system", "user", "assistant")
 QUERY = '"<lmql:system/> Be brief. <lmql:user/> Say hello. <lmql:assistant/>[ANSWER]" where len(TOKENS(ANSWER)) < 6'
+TWO_TURNS = ('"<lmql:system/> Be brief. <lmql:user/> Say hello. <lmql:assistant/>[A]<lmql:user/> Again. '
+             '<lmql:assistant/> Sure: [B]" where len(TOKENS(A)) < 4 and len(TOKENS(B)) < 4')
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
 
 
@@ -45,8 +47,9 @@ texts = st.text(alphabet=st.characters(blacklist_characters="<"), max_size=12)
 def test_a_tag_starts_a_message_whose_content_is_stripped(parts, leading):
     text = leading + "".join(f"<lmql:{role}/>{content}" for role, content in parts)
     chat = split_messages(text)
-    messages = [*chat.closed, chat.open]
-    assert [(m.role, m.content) for m in messages] == [(role, content.strip()) for role, content in parts]
+    assert [(m.role, m.content) for m in chat.closed] == [(role, content.strip()) for role, content in parts[:-1]]
+    role, content = parts[-1]
+    assert (chat.open.role, chat.open.content) == (role, content.lstrip())  # generation continues from its end
 
 
 def test_text_without_tags_is_unchanged(tokenizer):
@@ -85,6 +88,11 @@ def test_open_user_message_continues_that_message(tokenizer):
     assert rendered.text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay"
     prefix = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
     assert rendered.ids == encode(tokenizer, prefix) + encode(tokenizer, "Say")
+
+
+def test_open_message_keeps_its_trailing_text(tokenizer):
+    rendered = render_prompt(tokenizer, "<lmql:system/>Be brief.<lmql:user/>Say hello.<lmql:assistant/> A: x and ", None)
+    assert rendered.ids == template_ids(tokenizer, MESSAGES) + encode(tokenizer, "A: x and ")
 
 
 def test_a_first_assistant_message_gets_its_header(tokenizer):
@@ -145,3 +153,18 @@ def test_role_tag_query_answer_is_greedy_completion_of_template_ids(chat_model_d
         model=chat_model_dir, prompt=template_ids(tokenizer, MESSAGES), max_tokens=5, temperature=0,
     )
     assert result.variables["ANSWER"] == completion.choices[0].text
+
+
+def test_two_turn_query_agrees_on_all_backends_and_renders_each_turn(chat_model_dir, servers, tokenizer):
+    new, legacy = servers
+    results = [
+        lmql.run_sync(TWO_TURNS, model=lmql.inprocess(chat_model_dir)),
+        lmql.run_sync(TWO_TURNS, model=lmql.model(chat_model_dir, endpoint=new.endpoint)),
+        lmql.run_sync(TWO_TURNS, model=lmql.model(chat_model_dir, endpoint=legacy.endpoint),
+                      decoder="argmax(backend='legacy')"),
+    ]
+    assert len({(r.prompt, tuple(r.variables.items())) for r in results}) == 1
+    a, b = results[0].variables["A"], results[0].variables["B"]
+    turns = [*MESSAGES, {"role": "assistant", "content": a.strip()}, {"role": "user", "content": "Again."}]
+    expected = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) + "Sure: " + b
+    assert results[0].prompt == expected
