@@ -69,6 +69,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="Jinja chat template of /v1/chat/completions, for a model whose tokenizer has none "
                             "(or to replace its own)")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let /v1/chat/completions requests send their own chat_template (Jinja run by the server)")
     serve.add_argument("--drain-seconds", type=float, default=5.0,
                        help="on SIGINT/SIGTERM, let running requests finish this long before cancelling (default 5)")
 
@@ -145,7 +147,8 @@ def serve_model(args, extra: list[str]) -> None:
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
         drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process,
-        chat_template=args.chat_template, cuda=args.cuda,
+        chat_template=args.chat_template, trust_request_chat_template=args.trust_request_chat_template,
+        cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
 

@@ -56,6 +56,8 @@ class ServerConfig:
     engine_process: bool | None = None
     #: the Jinja chat template of /v1/chat/completions (None: the tokenizer's own)
     chat_template: str | None = None
+    #: take a request's own chat_template (Jinja that runs in the server; off by default, as in vLLM)
+    trust_request_chat_template: bool = False
 
     @property
     def is_engine_process(self) -> bool:
@@ -311,7 +313,7 @@ def serve(
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
     drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
-    chat_template: str | None = None, **load_kwargs,
+    chat_template: str | None = None, trust_request_chat_template: bool = False, **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
@@ -324,13 +326,15 @@ def serve(
     with the HTTP work (False); by default a process for the new API and a thread for the legacy
     API, whose clients wait for one round trip per token. ``chat_template``: the Jinja chat template of
     ``/v1/chat/completions`` (a file path or the template text) for a model whose tokenizer has none
-    or a wrong one. Other keywords are load options (``cuda``,
+    or a wrong one; ``trust_request_chat_template=True`` lets requests send their own. Other keywords are
+    load options (``cuda``,
     ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
         engine_process=engine_process, chat_template=read_chat_template(chat_template, legacy),
+        trust_request_chat_template=trust_request_chat_template,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

@@ -80,6 +80,11 @@ def render_chat_prompt(body: dict, state: ServerState) -> str:
 def read_template(body: dict, state: ServerState) -> str:
     """The request's chat_template, else the server's, else the tokenizer's; a 400 naming the fix if none."""
     override = body.get("chat_template")
+    if override is not None and not state.config.trust_request_chat_template:
+        raise InvalidRequestError(
+            "this server does not take a 'chat_template' in requests (it would run the request's Jinja); omit it, "
+            "or start serve-model with --chat-template FILE or --trust-request-chat-template", "chat_template",
+        )
     if override is not None and (not isinstance(override, str) or not override.strip()):
         raise InvalidRequestError(
             f"'chat_template' must be a non-empty Jinja template string, got {json_type(override)}", "chat_template"
@@ -88,8 +93,8 @@ def read_template(body: dict, state: ServerState) -> str:
     if template is None:
         raise InvalidRequestError(
             f"the model {state.model_name!r} has no chat template, so /v1/chat/completions cannot turn messages "
-            "into a prompt; start serve-model with --chat-template FILE (a Jinja chat template), send "
-            "'chat_template' in the request, or use /v1/completions with a prompt", "messages",
+            "into a prompt; start serve-model with --chat-template FILE (a Jinja chat template), "
+            "or use /v1/completions with a prompt", "messages",
         )
     return template
 

@@ -91,7 +91,8 @@ def test_open_user_message_continues_that_message(tokenizer):
 
 
 def test_open_message_keeps_its_trailing_text(tokenizer):
-    rendered = render_prompt(tokenizer, "<lmql:system/>Be brief.<lmql:user/>Say hello.<lmql:assistant/> A: x and ", None)
+    text = "<lmql:system/>Be brief.<lmql:user/>Say hello.<lmql:assistant/> A: x and "
+    rendered = render_prompt(tokenizer, text, None)
     assert rendered.ids == template_ids(tokenizer, MESSAGES) + encode(tokenizer, "A: x and ")
 
 

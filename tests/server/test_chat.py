@@ -40,7 +40,8 @@ def chat_server(chat_model_dir):
 
 @pytest.fixture(scope="module")
 def plain_server(no_template_model_dir):
-    handle = serve(no_template_model_dir, port=0, background=True, engine_process=False)
+    handle = serve(no_template_model_dir, port=0, background=True, engine_process=False,
+                   trust_request_chat_template=True)
     yield handle
     handle.stop()
 
@@ -260,9 +261,8 @@ BAD_REQUESTS = [
     ({"response_format": {"type": "json_object"}}, "'response_format' other than"),
     ({"temperature": 3}, "'temperature' must be between 0.0 and 2.0"),
     ({"add_generation_prompt": True, "continue_final_message": True}, "cannot both be true"),
-    ({"chat_template": 5}, "'chat_template' must be a non-empty Jinja template string"),
     ({"chat_template_kwargs": []}, "'chat_template_kwargs' must be an object"),
-    ({"chat_template": "{{ raise_exception('roles must alternate') }}"}, "chat template refused.*roles must alternate"),
+    ({"chat_template": TEMPLATE}, "does not take a 'chat_template' in requests.*--trust-request-chat-template"),
 ]
 
 
@@ -295,6 +295,18 @@ def test_model_without_template_is_a_400_naming_the_fix(plain_server, no_templat
     with pytest.raises(openai.BadRequestError) as info:
         make_sdk(plain_server).chat.completions.create(model=no_template_model_dir, messages=MESSAGES, max_tokens=2)
     assert "has no chat template" in info.value.body["message"] and "--chat-template FILE" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    (5, "'chat_template' must be a non-empty Jinja template string"),
+    ("{{ raise_exception('roles must alternate') }}", "chat template refused.*roles must alternate"),
+])
+def test_bad_request_chat_template_is_a_400(plain_server, no_template_model_dir, template, message):
+    with pytest.raises(openai.BadRequestError) as info:
+        make_sdk(plain_server).chat.completions.create(
+            model=no_template_model_dir, messages=MESSAGES, max_tokens=2, extra_body={"chat_template": template})
+    assert re.search(message, info.value.body["message"]), info.value.body["message"]
+    assert info.value.body["param"] in ("chat_template", "messages")
 
 
 def test_request_chat_template_is_used(plain_server, no_template_model_dir):
