@@ -26,6 +26,7 @@ import re
 
 from ..chat_template import Message, chat_template_of, render_open_message
 from ..errors import InvalidRequestError
+from .result import QueryResult
 
 ROLE_TAG = re.compile(r"<lmql:([^/>]*)/>")
 ROLES = ("system", "user", "assistant")
@@ -109,3 +110,8 @@ def rendered_text(tokenizer, text: str) -> str:
     if not has_role_tags(text):
         return text
     return render_prompt(tokenizer, text, None).text
+
+
+def with_rendered_prompt(result: QueryResult, tokenizer) -> QueryResult:
+    """`result` with its prompt as the model saw it (see `rendered_text`)."""
+    return dataclasses.replace(result, prompt=rendered_text(tokenizer, result.prompt))

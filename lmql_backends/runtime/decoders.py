@@ -25,7 +25,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import BackendError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError
 from ..language.parser import DistributionClause, Query
 from ..language.program import FilledHole, HoleContext, ProgramTrace, StopProgram
-from .chat import rendered_text
+from .chat import with_rendered_prompt
 from .constraints import ConstraintSet, Progress, VariableConstraints, VariableRecord, compile_constraints
 from .masks import same_mask
 from .result import QueryResult
@@ -200,6 +200,7 @@ async def decode(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict
         seed = spec.seed if spec.seed is not None else secrets.randbits(31)
         runs = [run_sampled(session, sampling_params(spec, seed + i)) for i in range(spec.n)]
         results = list(await asyncio.gather(*runs))
+    results = [with_rendered_prompt(r, client.tokenizer) for r in results]  # role tags: the chat the model saw
     return results[0] if spec.n == 1 else results
 
 
@@ -231,7 +232,7 @@ class GeneratingFiller:
 async def run_sampled(session: QuerySession, sampling: SamplingParams) -> QueryResult:
     filler = GeneratingFiller(session, sampling)
     trace = await session.query.prompt.execute(session.inputs, filler)
-    return make_result(trace, session.distribution, filler.distribution, session.client.tokenizer)
+    return make_result(trace, session.distribution, filler.distribution)
 
 
 async def generate_variable(session: QuerySession, constraints: VariableConstraints, ids: Sequence[int],
@@ -348,8 +349,7 @@ async def replay(session: QuerySession, beam: Beam) -> Beam:
         return dataclasses.replace(beam, pending=suspended.pending)
     if filler.index != len(beam.holes):
         raise EngineError("the query's holes changed between replays; beam search needs a deterministic prompt")
-    result = make_result(trace, session.distribution, filler.distribution, session.client.tokenizer)
-    return dataclasses.replace(beam, pending=None, result=result)
+    return dataclasses.replace(beam, pending=None, result=make_result(trace, session.distribution, filler.distribution))
 
 
 async def complete_hole(session: QuerySession, beam: Beam, progress: Progress) -> Beam:
@@ -424,12 +424,10 @@ def log_sum_exp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in values))
 
 
-def make_result(trace: ProgramTrace, clause: DistributionClause | None, scores: list[OptionScore] | None,
-                tokenizer) -> QueryResult:
+def make_result(trace: ProgramTrace, clause: DistributionClause | None, scores: list[OptionScore] | None) -> QueryResult:
     variables = dict(trace.variables)
-    prompt = rendered_text(tokenizer, trace.prompt)  # role tags: the chat as the model saw it
     if clause is None or scores is None:
-        return QueryResult(prompt, variables, is_truncated=trace.is_truncated)
+        return QueryResult(trace.prompt, variables, is_truncated=trace.is_truncated)
     variables[f"P({clause.variable})"] = [(s.option, s.probability) for s in scores]
     variables[f"log P({clause.variable})"] = [(s.option, s.logprob) for s in scores]
-    return QueryResult(prompt, variables, clause.variable, [s.option for s in scores], trace.is_truncated)
+    return QueryResult(trace.prompt, variables, clause.variable, [s.option for s in scores], trace.is_truncated)
