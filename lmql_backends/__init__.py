@@ -9,15 +9,11 @@ Public surface::
     serve                     serve a model over HTTP (new API, or legacy with legacy=True)
     errors                    the exception hierarchy
 
-Names are imported on first use, so ``import lmql_backends`` stays light.
+Names are imported on first use, so ``import lmql_backends`` stays light, and importing it
+changes nothing in the process (no environment variables, no thread settings).
 """
 
-import os
 from importlib import import_module
-
-# torch's idle OpenMP workers otherwise spin and steal the cores that the HTTP servers and
-# clients need (legacy per-token latency ~5x worse on 2 cores); set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import errors
 

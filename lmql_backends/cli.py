@@ -15,11 +15,13 @@ the unified diff (`--dry-run` writes nothing).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .console import configure_console
 from .errors import InvalidRequestError, LmqlBackendsError
 from .loader import DTYPES, LOADERS, MATMUL_CHOICES, MODEL_IMPLS, parse_flag_value
+from .process_env import apply_process_defaults
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -168,6 +170,7 @@ def run_query(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_process_defaults(os.environ)  # before any command imports torch
     configure_console()
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)

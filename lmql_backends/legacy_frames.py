@@ -4,7 +4,7 @@ message of the WebSocket channel (a forward's logits, exact and compact).
 Layout of the binary message: a 4-byte little-endian length, that many bytes of JSON header (the
 result object without its values, plus ``"field"`` naming the values' field and their
 ``"shape"``), then the float32 values, little-endian, row after row. Written by the server
-(``server/legacy_socket.py``) and read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 16.
+(``server/legacy/socket.py``) and read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 16.
 """
 
 from __future__ import annotations

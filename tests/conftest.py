@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
-import lmql_backends  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
+from lmql_backends.process_env import apply_process_defaults
+
+apply_process_defaults(os.environ)  # what serve-model does, before torch is imported
 import torch  # noqa: E402
 
 from lmql_backends.models import TINY_MODEL_DIR, TINY_MODEL_NAME

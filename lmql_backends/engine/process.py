@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..errors import EngineError, InvalidRequestError, RequestCancelledError
 from ..loader import LoadedModel, LoadOptions, load_tokenizer, with_tokenizer
+from ..process_env import apply_process_defaults
 from .delivery import Mailboxes
 from .engine import EngineConfig, EngineStats, check_capacity, check_request
 from .sequence import ErrorOutput, Output, Request
@@ -262,7 +263,8 @@ class EngineProcess(OutputStreams):
 def spawn_worker() -> tuple[subprocess.Popen, Channel]:
     """Start ``python -m lmql_backends.engine.worker FD`` with one end of a socket pair as FD."""
     ours, theirs = socket.socketpair()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))}
+    env = apply_process_defaults(dict(os.environ))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))
     with theirs:
         process = subprocess.Popen(
             [sys.executable, "-m", "lmql_backends.engine.worker", str(theirs.fileno())],

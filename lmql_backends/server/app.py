@@ -1,15 +1,15 @@
-"""Server startup shared by both APIs: loading, the engine, auth, health, metrics, shutdown.
+"""The composition root of the servers: loading, the engine, health, metrics, shutdown, `serve`.
 
-`serve-model MODEL` serves the new OpenAI-like API; with `--legacy`, the LMQL 0.0.6.x API.
-The protocol modules (openai_api.py, legacy_api.py) only add their routes to the app made
-here; neither has model code of its own.
+`serve-model MODEL` serves the new OpenAI-like API (openai/); with `--legacy`, the LMQL 0.0.6.x
+API (legacy/). This is the only module that knows the protocols: each protocol package adds
+its routes to the app made here and imports only the shared modules below it (state.py,
+http.py, validation.py, errors.py) and the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import os
 import threading
@@ -17,89 +17,25 @@ import threading
 from aiohttp import web
 
 from ..engine import Engine, EngineConfig
-from ..engine.process import EngineProcess
-from ..errors import (
-    AuthenticationError, EndpointNotFoundError, InvalidRequestError, MethodNotAllowedError, RequestTooLargeError,
-)
 from ..chat_template import load_chat_template
-from ..loader import LoadedModel, LoadOptions, describe, load_model
-from .errors import classify, error_headers, openai_error_body
+from ..engine.process import EngineProcess
+from ..errors import InvalidRequestError
+from ..loader import LoadOptions, describe, load_model
+from .http import auth_middleware, error_middleware
+from .legacy import routes as legacy_routes
+from .openai import api as openai_api
+from .openai import chat as openai_chat
+from .state import API_KEY_ENV, METRICS_SOURCES, STATE, ServerConfig, ServerState, get_state
 
 log = logging.getLogger("lmql_backends.server")
 
-API_KEY_ENV = "LMQL_BACKENDS_API_KEY"
-STATE = web.AppKey("state", object)
-#: functions returning a dataclass of extra /metrics gauges (the protocol modules add theirs)
-METRICS_SOURCES = web.AppKey("metrics_sources", list)
-#: paths answered without an API key (load balancers probe them), as vLLM does
-OPEN_PATHS = frozenset({"/health"})
 DRAIN_POLL_SECONDS = 0.05
 #: how long startup waits for the engine thread to choose its threads and kernels (seconds)
 ENGINE_READY_SECONDS = 120
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerConfig:
-    """Everything `serve-model` needs besides the model's load options."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    legacy: bool = False
-    served_model_names: tuple[str, ...] = ()
-    api_key: str | None = None
-    max_body_bytes: int = 8 * 2**20
-    drain_seconds: float = 5.0
-    engine: EngineConfig = EngineConfig()
-    legacy_lookahead: bool = True
-    #: run the engine in a process of its own (engine/process.py) or in a thread of this one;
-    #: None: a process for the new API (many streams), a thread for the legacy API (one round trip per token)
-    engine_process: bool | None = None
-    #: the Jinja chat template of /v1/chat/completions (None: the tokenizer's own)
-    chat_template: str | None = None
-    #: take a request's own chat_template (Jinja that runs in the server; off by default, as in vLLM)
-    trust_request_chat_template: bool = False
-
-    @property
-    def is_engine_process(self) -> bool:
-        return (not self.legacy) if self.engine_process is None else self.engine_process
-
-    def __post_init__(self):
-        if not is_positive_int(self.max_body_bytes):
-            raise InvalidRequestError(
-                f"max_body_bytes must be a positive number of bytes, got {self.max_body_bytes!r}", "max_body_bytes"
-            )
-        if not isinstance(self.drain_seconds, (int, float)) or not self.drain_seconds >= 0:
-            raise InvalidRequestError(
-                f"drain_seconds must be a number of seconds >= 0, got {self.drain_seconds!r}", "drain_seconds"
-            )
-
-
-def is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-@dataclasses.dataclass
-class ServerState:
-    """What every handler can reach: the model string, the loaded model and the engine."""
-
-    model_name: str
-    loaded: LoadedModel
-    engine: Engine | EngineProcess
-    config: ServerConfig
-
-    @property
-    def served_names(self) -> tuple[str, ...]:
-        return (self.model_name, *self.config.served_model_names)
-
-
-def get_state(request: web.Request) -> ServerState:
-    return request.app[STATE]
-
-
 def make_app(state: ServerState) -> web.Application:
     """The aiohttp application for `state`: shared endpoints plus one API's routes."""
-    from . import chat, legacy_api, openai_api
-
     app = web.Application(
         client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, auth_middleware]
     )
@@ -108,91 +44,10 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
-    (legacy_api if state.config.legacy else openai_api).add_routes(app)
-    if not state.config.legacy:
-        chat.add_routes(app)
+    for protocol in (legacy_routes,) if state.config.legacy else (openai_api, openai_chat):
+        protocol.add_routes(app)
     app.on_shutdown.append(stop_engine)
     return app
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    """Every error that escapes a handler (aiohttp's own 404/405/413 too) in the API's format."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        error = from_http_exception(exc, get_state(request).config)
-        if error is None:
-            raise
-        return error_response(get_state(request), error)
-    except Exception as exc:  # a bug: log it, answer a 500 in the API's format
-        log.error("%s %s failed unexpectedly", request.method, request.path, exc_info=exc)
-        return error_response(get_state(request), exc)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler):
-    """Every path but /health needs ``Authorization: Bearer <key>`` when the server has a key."""
-    expected = get_state(request).config.api_key
-    is_open = not expected or request.path in OPEN_PATHS
-    if not is_open and not is_authorized(request.headers.get("Authorization", ""), expected):
-        exc = AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
-        return error_response(get_state(request), exc)
-    return await handler(request)
-
-
-def is_authorized(header: str, expected: str) -> bool:
-    """Constant-time check of an ``Authorization: Bearer <key>`` header."""
-    scheme, _, key = header.partition(" ")
-    sent = key.strip().encode("utf-8", "surrogateescape")  # headers that are not UTF-8 arrive escaped
-    return scheme.lower() == "bearer" and hmac.compare_digest(sent, expected.encode())
-
-
-def json_error(exc: BaseException) -> web.Response:
-    """An OpenAI-style error response for `exc`, with the status from the error table."""
-    status, _, _ = classify(exc)
-    return web.json_response(openai_error_body(exc), status=status, headers=error_headers(exc))
-
-
-def text_error(exc: BaseException) -> web.Response:
-    """A legacy-API error response: the message of `exc` as ``text/plain``, status from the error table."""
-    status, _, _ = classify(exc)
-    text = str(exc) or type(exc).__name__
-    return web.Response(body=text.encode(), status=status, content_type="text/plain", headers=error_headers(exc))
-
-
-def error_response(state: ServerState, exc: BaseException) -> web.Response:
-    """`exc` in the format of the API this server speaks (text on the legacy API, JSON otherwise)."""
-    return text_error(exc) if state.config.legacy else json_error(exc)
-
-
-def from_http_exception(exc: web.HTTPException, config: ServerConfig) -> Exception | None:
-    """Our typed error for aiohttp's 404, 405, 413 and 400 (None for the others: aiohttp answers them)."""
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return body_too_large(config.max_body_bytes)
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return MethodNotAllowedError(f"this endpoint does not answer {exc.method}; use {allowed}")
-    if isinstance(exc, web.HTTPNotFound):
-        return EndpointNotFoundError("no endpoint has this path; see docs/new-api.md for the endpoints")
-    if isinstance(exc, web.HTTPBadRequest):
-        return InvalidRequestError(exc.text or exc.reason)
-    return None
-
-
-def body_too_large(limit: int) -> RequestTooLargeError:
-    return RequestTooLargeError(
-        f"the request body is larger than this server's limit of {limit} bytes; send a smaller request, "
-        f"or start the server with a larger --max-body-bytes"
-    )
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The whole request body; RequestTooLargeError (413) when it is over --max-body-bytes."""
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise body_too_large(get_state(request).config.max_body_bytes) from None
 
 
 async def health(request: web.Request) -> web.Response:

@@ -33,10 +33,17 @@ def classify(exc: BaseException) -> tuple[int, str, str | None]:
     return 500, "server_error", None
 
 
+def error_message(exc: BaseException) -> str:
+    """The message of `exc` (its class name if it has none), encodable as UTF-8 whatever it echoes:
+    characters UTF-8 cannot encode (lone surrogates from JSON ``\\ud800`` escapes) become ``\\ud800``."""
+    text = str(exc) or type(exc).__name__
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def openai_error_body(exc: BaseException) -> dict:
     """``{"error": {"message", "type", "param", "code"}}`` for `exc`."""
     _, kind, code = classify(exc)
-    return {"error": {"message": str(exc), "type": kind, "param": getattr(exc, "param", None), "code": code}}
+    return {"error": {"message": error_message(exc), "type": kind, "param": getattr(exc, "param", None), "code": code}}
 
 
 def error_headers(exc: BaseException) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from lmql_backends.engine import EngineConfig
-from lmql_backends.server import text as text_module
+from lmql_backends.server.openai import text as text_module
 from reliability_support import (
     MODEL, base_url, collect_legacy, greedy_completion_ids, greedy_reference, legacy_error_text, legacy_forward_logits,
     new_client_id, openai_error, sse_payloads, start_server, wait_until,

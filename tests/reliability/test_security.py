@@ -18,8 +18,9 @@ import requests
 import lmql_backends as lmql
 from lmql_backends import cli, loader
 from lmql_backends.errors import BackendResponseError
-from lmql_backends.server import app as server_app
-from lmql_backends.server.app import API_KEY_ENV, ServerConfig, serve
+from lmql_backends.server import http as server_http
+from lmql_backends.server.app import serve
+from lmql_backends.server.state import API_KEY_ENV, ServerConfig
 from reliability_support import (
     MODEL, base_url, collect_legacy, legacy_error_text, new_client_id, openai_error, start_server,
 )
@@ -122,9 +123,9 @@ def test_a_key_header_that_is_not_utf8_is_a_401_not_a_crash(new_server):
 
 def test_the_key_is_compared_in_constant_time(monkeypatch):
     compared = []
-    real = server_app.hmac.compare_digest
-    monkeypatch.setattr(server_app.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
-    assert server_app.is_authorized(f"Bearer {KEY}", KEY) and not server_app.is_authorized("Bearer nope", KEY)
+    real = server_http.hmac.compare_digest
+    monkeypatch.setattr(server_http.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    assert server_http.is_authorized(f"Bearer {KEY}", KEY) and not server_http.is_authorized("Bearer nope", KEY)
     assert compared == [(KEY.encode(), KEY.encode()), (b"nope", KEY.encode())]
 
 

@@ -13,7 +13,8 @@ import torch
 
 from lmql_backends.legacy_frames import load_json
 from lmql_backends.loader import load_model
-from lmql_backends.server.legacy_api import ResultLimits, ResultStore, format_floats
+from lmql_backends.server.legacy.api import format_floats
+from lmql_backends.server.legacy.store import ResultLimits, ResultStore
 
 pytestmark = pytest.mark.timeout(120)
 

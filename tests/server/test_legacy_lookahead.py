@@ -11,7 +11,7 @@ import torch
 
 from lmql_backends.engine import EngineConfig
 from lmql_backends.errors import RequestCancelledError
-from lmql_backends.server.legacy_lookahead import Lookahead
+from lmql_backends.server.legacy.lookahead import Lookahead
 
 from test_legacy_api import assert_close, forward_once, prompt_ids, reference_logits
 

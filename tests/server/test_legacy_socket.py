@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from lmql_backends.legacy_frames import decode_logits_frame
-from lmql_backends.server.legacy_api import LogitRows, Sample
-from lmql_backends.server.legacy_socket import RowHistory, encode_logits_message
+from lmql_backends.server.legacy.extensions import RowHistory
+from lmql_backends.server.legacy.jobs import LogitRows, Sample
+from lmql_backends.server.legacy.socket import encode_logits_message
 
 pytestmark = pytest.mark.timeout(120)
 

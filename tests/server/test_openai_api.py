@@ -16,7 +16,7 @@ import pytest
 
 from lmql_backends.client.inprocess import InProcessClient
 from lmql_backends.engine import SamplingParams
-from lmql_backends.server.text import IncrementalDecoder, StopMatcher
+from lmql_backends.server.openai.text import IncrementalDecoder, StopMatcher
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""The text helpers of the new API (server/text.py) on the embedded tokenizer.
+"""The text helpers of the new API (server/openai/text.py) on the embedded tokenizer.
 
 The tiny model's byte-level BPE splits every non-ASCII character into several tokens, so it
 exercises the multi-byte cases for real: an emoji is four single-byte tokens.
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lmql_backends.byte_level import unicode_to_byte
 from lmql_backends.loader import load_tokenizer
-from lmql_backends.server.text import (
+from lmql_backends.server.openai.text import (
     IncrementalDecoder, StopMatcher, TokenNamer, decode_all, decode_ids, has_plain_decode, token_bytes,
 )
 

@@ -19,18 +19,18 @@ import time
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
-import orjson
 from aiohttp import web
 
-from ..errors import LmqlBackendsError
-from .app import ServerState, get_state, json_error, read_body
+from ...errors import LmqlBackendsError
+from ..errors import openai_error_body
+from ..http import is_disconnected, json_error, read_body
+from ..state import ServerState, get_state
 from .completions import ChoicePlan, CompletionRequest, decode_json_body, make_choice_plans
-from .errors import openai_error_body
+from .sse import EventStream
 from .text import ChoiceBuilder, ChoiceDelta, TokenNamer
 
-log = logging.getLogger("lmql_backends.server.openai_api")
+log = logging.getLogger("lmql_backends.server.openai")
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 STATUS_CLIENT_CLOSED = 499
 
 
@@ -297,31 +297,3 @@ def make_model_object(name: str, state: ServerState) -> dict:
         "id": name, "object": "model", "created": 0, "owned_by": "lmql-backends",
         "max_model_len": loaded.context_length, "vocab_size": loaded.vocab_size,
     }
-
-
-class EventStream:
-    """A server-sent-events answer to one request: JSON events, then ``[DONE]``."""
-
-    def __init__(self, request: web.Request):
-        self.request = request
-        self.response = web.StreamResponse(headers=SSE_HEADERS)
-
-    async def open(self) -> None:
-        """Send the headers."""
-        await self.response.prepare(self.request)
-
-    async def send(self, data: dict) -> None:
-        """Write one SSE frame; raise ConnectionResetError when the client is gone."""
-        if is_disconnected(self.request):
-            raise ConnectionResetError("the client closed the connection")
-        await self.response.write(b"data: " + orjson.dumps(data) + b"\n\n")
-
-    async def close(self) -> None:
-        """Send ``[DONE]`` and end the body (quietly, if the client is gone)."""
-        with contextlib.suppress(ConnectionResetError):
-            await self.response.write(b"data: [DONE]\n\n")
-            await self.response.write_eof()
-
-
-def is_disconnected(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()

@@ -15,10 +15,11 @@ from typing import Any, Iterator
 
 import torch
 
-from ..engine import Request, SamplingParams
-from ..engine.sampling import make_bias_processor, make_mask_processor
-from ..errors import InvalidRequestError, ModelNotFoundError
-from .app import ServerState
+from ...engine import Request, SamplingParams
+from ...engine.sampling import make_bias_processor, make_mask_processor
+from ...errors import InvalidRequestError, ModelNotFoundError
+from ..state import ServerState
+from ..validation import is_id_list, is_int, is_number, is_valid_unicode, json_type
 
 DEFAULT_MAX_TOKENS = 16
 MAX_MAX_TOKENS = 2**31
@@ -110,30 +111,6 @@ def decode_json_body(raw: bytes) -> Any:
 
 
 # ---- value types -----------------------------------------------------------------------
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_id_list(value: Any) -> bool:
-    """A non-empty array of integers."""
-    return isinstance(value, list) and bool(value) and all(is_int(t) for t in value)
 
 
 def check_is_object(body: Any) -> None:
@@ -348,14 +325,6 @@ def encode(tokenizer, text: str) -> tuple[int, ...]:
             "'prompt' contains an unpaired surrogate (an invalid \\u escape); send valid Unicode", "prompt"
         )
     return tuple(tokenizer.encode(text, add_special_tokens=False))
-
-
-def is_valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def read_id_list(ids: list, vocab_size: int) -> tuple[int, ...]:

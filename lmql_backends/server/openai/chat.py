@@ -5,7 +5,7 @@ A chat request is a completion request whose prompt is made from its messages: t
 ``serve-model --chat-template``, else the tokenizer's; chat_template.py), tokenized, and
 become the one prompt of the same typed `CompletionRequest` that ``/v1/completions`` uses
 (every other field is read by completions.py, so the validation, limits and errors are the
-same). The choices run, stream and cancel through openai_api.py; only the answer's shape
+same). The choices run, stream and cancel through api.py; only the answer's shape
 (`ChatFormat`) and the logprobs' shape (`ChatChoiceBuilder`) are chat's own.
 """
 
@@ -16,14 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from ..chat_template import Message, chat_template_of, render_messages
-from ..errors import ContextLengthError, InvalidRequestError
-from .app import ServerState
+from ...chat_template import Message, chat_template_of, render_messages
+from ...errors import ContextLengthError, InvalidRequestError
+from ..state import ServerState
+from ..validation import is_valid_unicode, json_type
+from .api import CompletionFormat, answer_completion
 from .completions import (
-    MAX_LOGPROBS, CompletionRequest, check_is_object, check_range, is_valid_unicode, json_type, read_bool, read_int,
-    read_optional_int, read_shared_fields,
+    MAX_LOGPROBS, CompletionRequest, check_is_object, check_range, read_bool, read_int, read_optional_int,
+    read_shared_fields,
 )
-from .openai_api import CompletionFormat, answer_completion
 from .text import ChoiceBuilder, ChoiceDelta, decode_ids, finite, token_bytes
 
 #: the message roles a chat request may use; "developer" is OpenAI's newer name for "system"

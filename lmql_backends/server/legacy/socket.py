@@ -23,28 +23,22 @@ A forward on the channel may name an earlier one-row forward of the same channel
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
-from typing import Any
-
 from aiohttp import WSMsgType, web
 
-from ..errors import LmqlBackendsError
-from ..legacy_frames import AFTER_FIELD, UNKNOWN_BASE_TEXT, encode_logits_frame
-from .app import get_state
-from .errors import classify
-from .legacy_api import (
-    BAD_REQUEST_TEXT, LEGACY, ForwardJob, JobResult, LogitRows, MalformedFieldError, Sample, begin_job,
-    encode_json_result, encode_result, error_text, parse_job, parse_payload, start_job,
-)
+from ...errors import LmqlBackendsError
+from ...legacy_frames import encode_logits_frame
+from ..errors import classify, error_message
+from ..state import get_state
+from .api import LEGACY, begin_job, encode_json_result, encode_result, parse_job, parse_payload, start_job
+from .extensions import RowHistory
+from .jobs import BAD_REQUEST_TEXT, JobResult, LogitRows, MalformedFieldError, Sample
 
 log = logging.getLogger("lmql_backends.server.legacy")
 
 #: seconds a closing channel waits for the client's close reply
 CLOSE_TIMEOUT_SECONDS = 2.0
-#: one-row forwards whose rows a channel keeps for ``input_ids_after`` (at most ~8 KB each)
-NUM_KEPT_ROWS = 1024
 
 
 async def handle_socket(request: web.Request) -> web.WebSocketResponse:
@@ -81,43 +75,13 @@ async def receive_action(request: web.Request, socket: web.WebSocketResponse, da
     start_job(request.app, job, work, socket_delivery(request.app, socket))
 
 
-class RowHistory:
-    """The rows of a channel's last accepted one-row forwards, by sample_id: what a later forward's
-    ``input_ids_after`` names, so that it sends only its new ids (extension 17)."""
-
-    def __init__(self, max_rows: int = NUM_KEPT_ROWS):
-        self.max_rows = max_rows
-        self.rows: collections.OrderedDict[Any, tuple[int, ...]] = collections.OrderedDict()
-
-    def remember(self, sample_id: Any, job) -> None:
-        if isinstance(job, ForwardJob) and len(job.rows) == 1 and type(sample_id) in (int, str):
-            self.rows[sample_id] = job.rows[0]
-            self.rows.move_to_end(sample_id)
-            if len(self.rows) > self.max_rows:
-                self.rows.popitem(last=False)
-
-    def base_of(self, payload: dict) -> tuple[int, ...]:
-        """The row ``input_ids_after`` names, () when the field is absent; MalformedFieldError
-        (naming the fix) when this channel does not hold it."""
-        if AFTER_FIELD not in payload:
-            return ()
-        key = payload[AFTER_FIELD]
-        row = self.rows.get(key) if type(key) in (int, str) else None
-        if row is None:
-            raise MalformedFieldError(
-                f"{UNKNOWN_BASE_TEXT} ({json.dumps(key)[:40]}; it keeps the rows of its last "
-                f"{self.max_rows} forwards); send the whole sequence in input_ids"
-            )
-        return row
-
-
 def refusal(sample_id, exc: LmqlBackendsError) -> str:
     """The message of an action the server did not accept, with the status ``POST /queue`` would answer."""
     body = {"sample_id": sample_id, "status": classify(exc)[0]}  # MalformedFieldError: 400 too
     if isinstance(exc, MalformedFieldError):
         body.update(error=BAD_REQUEST_TEXT, detail=str(exc))
     else:
-        body["error"] = error_text(exc)
+        body["error"] = error_message(exc)
     return json.dumps(body)
 
 

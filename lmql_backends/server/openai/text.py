@@ -13,8 +13,8 @@ import functools
 import itertools
 import re
 
-from ..byte_level import unicode_to_byte
-from ..engine import PromptOutput, TokenOutput
+from ...byte_level import unicode_to_byte
+from ...engine import PromptOutput, TokenOutput
 from .completions import ChoicePlan, CompletionRequest
 
 MIN_LOGPROB = -9999.0  # what -inf is reported as (JSON has no infinity), as vLLM does

@@ -5,243 +5,50 @@ submitted to the engine before the server answers ``200`` (a full engine answers
 work then runs in the background (forwards through the shared engine, so they are prefix-cached
 and batched with everything else) and its result waits in a per-client store until the client
 collects it. Every accepted sample gets exactly one result:
-the answer, or an error result (an extension) when the engine fails later.
+the answer, or an error result (an extension) when the engine fails later. Our extensions
+beyond validation and robustness (the result in the ``/queue`` answer, the lookahead,
+``input_ids_after``) live in extensions.py; the WebSocket channel in socket.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import functools
 import json
 import logging
-import math
-import time
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Callable, Coroutine
 
 import numpy
 import orjson
 import torch
 from aiohttp import WSCloseCode, web
 
-from ..engine import PromptOutput, Request
-from ..engine.engine import are_in_vocabulary, are_plain_ints
-from ..engine.streams import yield_check
-from ..errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
-from ..legacy_frames import AFTER_FIELD, APPEND_HEADER, load_json
-from .app import METRICS_SOURCES, STATE, get_state, read_body, text_error
-from .completions import is_valid_unicode
-from .legacy_lookahead import Lookahead
+from ...engine import PromptOutput, Request
+from ...engine.streams import yield_check
+from ...errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
+from ...legacy_frames import load_json
+from ..errors import error_message
+from ..http import header_safe, read_body, text_error, text_response
+from ..state import STATE, get_state
+from ..validation import first_outside_vocabulary, is_int_list, is_valid_unicode
+from . import extensions
+from .extensions import ERROR_DETAIL_HEADER, LONG_POLL_HEADER, parse_wait
+from .jobs import (
+    BAD_REQUEST_TEXT, Deliver, DetokenizeJob, ForwardJob, Job, JobResult, LogitRows, MalformedFieldError, Sample,
+    TokenizeJob,
+)
+from .lookahead import Lookahead
+from .store import ResultStore
 
 log = logging.getLogger("lmql_backends.server.legacy")
 
-MAX_WAIT_SECONDS = 30.0
-LONG_POLL_HEADER = "X-Long-Poll"
-#: on every accepted /queue answer: this server takes ``?wait=`` on /queue (an extension)
-INLINE_WAIT_HEADER = "X-Inline-Wait"
-#: on a /queue answer that carries the result itself
-INLINE_HEADER = "X-Inline-Result"
-ERROR_DETAIL_HEADER = "X-Error-Detail"
-#: on every accepted /queue answer: the path of this server's WebSocket channel (an extension)
-SOCKET_HEADER = "X-Queue-Socket"
-SOCKET_PATH = "/queue/socket"
-BAD_REQUEST_TEXT = "Bad request."
 #: logits payloads larger than this many floats are formatted off the event loop
 NUM_FLOATS_INLINE = 262144
 
 
-# ---- typed jobs ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """Who asked: the result store key ``"<client ip>-<client_id>"`` and the echoed sample_id."""
-
-    client_key: str
-    sample_id: Any
-
-    def to_json(self) -> dict:
-        """The fields that start every result object of this sample."""
-        return {"client_id": self.client_key, "sample_id": self.sample_id}
-
-
-@dataclasses.dataclass(frozen=True)
-class ForwardJob:
-    """A validated ``forward``: one list of ids per row (padding removed)."""
-
-    sample: Sample
-    rows: tuple[tuple[int, ...], ...]
-    is_batched: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizeJob:
-    """A validated ``tokenize``."""
-
-    sample: Sample
-    text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class DetokenizeJob:
-    """A validated ``detokenize``."""
-
-    sample: Sample
-    input_ids: tuple[int, ...]
-
-
-Job = ForwardJob | TokenizeJob | DetokenizeJob
-
-
-@dataclasses.dataclass(frozen=True)
-class LogitRows:
-    """The raw next-token logits of a forward: one float32 tensor per row."""
-
-    rows: tuple[torch.Tensor, ...]
-    is_batched: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class JobResult:
-    """What a job produced: its result field (``next_token_logits``, ``input_ids``, ``text`` or
-    ``error``) and value (`LogitRows` for a forward, else a JSON value); each transport encodes it."""
-
-    field: str
-    value: Any
-
-
-#: hands a finished job's result to its client (the /queue answer, the result store or a socket)
-Deliver = Callable[[Sample, JobResult], Awaitable[None]]
-
-
-@dataclasses.dataclass(frozen=True)
-class ResultLimits:
-    """How long and how many uncollected results are kept per client before being dropped."""
-
-    max_age_seconds: float = 600.0
-    max_results_per_client: int = 4096
-    max_bytes_per_client: int = 256 * 2**20
-    sweep_every_seconds: float = 10.0
-
-
-class MalformedFieldError(InvalidRequestError):
-    """A field has the wrong type or shape: answered with the legacy text ``Bad request.``.
-
-    The message (what is wrong and how to fix it) goes in the ``X-Error-Detail`` header.
-    """
-
-
-# ---- the per-client result store ------------------------------------------------------------
-
-
-@dataclasses.dataclass(eq=False)
-class ClientResults:
-    """Finished results of one client, oldest first, and the event long-polls wait on."""
-
-    items: collections.deque = dataclasses.field(default_factory=collections.deque)
-    num_bytes: int = 0
-    num_waiters: int = 0
-    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-
-
-class ResultStore:
-    """Results per ``"<ip>-<client_id>"`` key, each delivered once, bounded in age and size."""
-
-    def __init__(self, limits: ResultLimits = ResultLimits()):
-        self.limits = limits
-        self.clients: dict[str, ClientResults] = {}
-        self.num_dropped = 0
-        self.is_closed = False
-        self._last_sweep = time.monotonic()
-
-    def put(self, key: str, payload: bytes) -> None:
-        """Store one encoded result and wake the client's long-polls."""
-        entry = self.clients.setdefault(key, ClientResults())
-        entry.items.append((time.monotonic(), payload))
-        entry.num_bytes += len(payload)
-        self._drop_over_limit(key, entry)
-        entry.ready.set()
-        self._maybe_sweep()
-
-    def take_all(self, key: str) -> list[bytes]:
-        """Remove and return every result of `key` (oldest first)."""
-        entry = self.clients.get(key)
-        if entry is None:
-            return []
-        payloads = [payload for _, payload in entry.items]
-        entry.items.clear()
-        entry.num_bytes = 0
-        entry.ready.clear()
-        self._forget_if_idle(key, entry)
-        return payloads
-
-    async def wait_for_results(self, key: str, seconds: float) -> None:
-        """Return once `key` has a result, or after `seconds`."""
-        if self.is_closed:
-            return
-        entry = self.clients.setdefault(key, ClientResults())
-        entry.num_waiters += 1
-        try:
-            await wait_until_ready(entry, seconds, self)
-        finally:
-            entry.num_waiters -= 1
-            self._forget_if_idle(key, entry)
-
-    def close(self) -> None:
-        """End every long-poll now (server shutdown); later polls answer without waiting."""
-        self.is_closed = True
-        for entry in self.clients.values():
-            entry.ready.set()
-
-    def _drop_over_limit(self, key: str, entry: ClientResults) -> None:
-        limits = self.limits
-        while len(entry.items) > 1 and (
-            len(entry.items) > limits.max_results_per_client or entry.num_bytes > limits.max_bytes_per_client
-        ):
-            self._drop_oldest(key, entry, "the client holds too many uncollected results")
-
-    def _drop_oldest(self, key: str, entry: ClientResults, reason: str) -> None:
-        _, payload = entry.items.popleft()
-        entry.num_bytes -= len(payload)
-        self.num_dropped += 1
-        log.warning("dropped an uncollected result of client %s: %s", key, reason)
-
-    def _maybe_sweep(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep >= self.limits.sweep_every_seconds:
-            self._last_sweep = now
-            self.sweep(now)
-
-    def sweep(self, now: float) -> None:
-        """Drop results older than the age limit; forget clients with nothing left."""
-        oldest_allowed = now - self.limits.max_age_seconds
-        for key, entry in list(self.clients.items()):
-            while entry.items and entry.items[0][0] < oldest_allowed:
-                self._drop_oldest(key, entry, "not collected in time")
-            self._forget_if_idle(key, entry)
-
-    def _forget_if_idle(self, key: str, entry: ClientResults) -> None:
-        if not entry.items and entry.num_waiters == 0 and self.clients.get(key) is entry:
-            del self.clients[key]
-
-
-async def wait_until_ready(entry: ClientResults, seconds: float, store: ResultStore) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not entry.items and not store.is_closed:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return
-        entry.ready.clear()
-        try:
-            await asyncio.wait_for(entry.ready.wait(), remaining)
-        except TimeoutError:
-            return
-
-
-# ---- app wiring -----------------------------------------------------------------------------
+# ---- the legacy routes' state ---------------------------------------------------------------
 
 
 @dataclasses.dataclass(eq=False)
@@ -256,33 +63,6 @@ class LegacyState:
 
 
 LEGACY = web.AppKey("legacy", LegacyState)
-
-
-def add_routes(app: web.Application, limits: ResultLimits = ResultLimits()) -> None:
-    """Add the legacy endpoints to `app` (called by ``make_app`` when serving ``--legacy``)."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="legacy-tokenizer")
-    app[LEGACY] = LegacyState(ResultStore(limits), pool, make_lookahead(app[STATE]))
-    if app[LEGACY].lookahead is not None:
-        app[METRICS_SOURCES].append(app[LEGACY].lookahead.stats)
-    app.router.add_post("/queue", handle_queue)
-    app.router.add_get("/results/{client_id}", handle_results)
-    add_socket_route(app)
-    app.router.add_get("/queue", not_found)
-    app.router.add_post("/results/{client_id}", not_found)
-    app.on_shutdown.append(stop_jobs)
-
-
-def add_socket_route(app: web.Application) -> None:
-    from .legacy_socket import handle_socket  # the channel builds on this module
-
-    app.router.add_get(SOCKET_PATH, handle_socket)
-
-
-def make_lookahead(state) -> Lookahead | None:
-    if not state.config.legacy_lookahead:
-        return None
-    loaded = state.loaded
-    return Lookahead(state.engine, loaded.context_length, loaded.eos_token_id)
 
 
 async def stop_jobs(app: web.Application) -> None:
@@ -328,13 +108,14 @@ async def handle_queue(request: web.Request) -> web.Response:
         return text_error(exc)
     inline = asyncio.get_running_loop().create_future() if wait > 0 else None
     start_job(request.app, job, work, http_delivery(request.app, inline))
-    head = json.dumps({"sample_id": job.sample.sample_id})
-    result = await wait_inline(inline, wait, request.app[LEGACY].store, job.sample) if inline else None
-    headers = {INLINE_WAIT_HEADER: "1", SOCKET_HEADER: SOCKET_PATH, APPEND_HEADER: "1"}
+    head = json.dumps({"sample_id": job.sample.sample_id}).encode()
+    store = request.app[LEGACY].store
+    result = await extensions.wait_inline(inline, wait, store, job.sample) if inline else None
     if result is None:
-        return web.Response(body=head.encode(), content_type="application/json", headers=headers)
-    body = head[:-1].encode() + b', "result": ' + result + b"}"
-    return web.Response(body=body, content_type="application/json", headers={**headers, INLINE_HEADER: "1"})
+        return web.Response(body=head, content_type="application/json", headers=extensions.ACCEPTED_HEADERS)
+    body = extensions.with_inline_result(head, result)
+    headers = {**extensions.ACCEPTED_HEADERS, extensions.INLINE_HEADER: "1"}
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 def http_delivery(app: web.Application, inline: asyncio.Future | None) -> Deliver:
@@ -347,29 +128,6 @@ def http_delivery(app: web.Application, inline: asyncio.Future | None) -> Delive
             app[LEGACY].store.put(sample.client_key, payload)
 
     return deliver
-
-
-async def wait_inline(inline: asyncio.Future, seconds: float, store: ResultStore, sample: Sample) -> bytes | None:
-    """The encoded result if the job finishes within `seconds`; else None (it goes to the store)."""
-    try:
-        await asyncio.wait({inline}, timeout=seconds)
-    except asyncio.CancelledError:  # the client went away: a result already handed over goes to the store
-        if inline.done():
-            store.put(sample.client_key, inline.result())
-        inline.cancel()
-        raise
-    if inline.done():
-        return inline.result()
-    inline.cancel()  # too late: run_job puts the result in the store
-    return None
-
-
-def text_response(text: str, headers: dict[str, str] | None = None, status: int = 400) -> web.Response:
-    return web.Response(body=text.encode(), status=status, content_type="text/plain", headers=headers)
-
-
-def header_safe(text: str) -> str:
-    return text.encode("ascii", "backslashreplace").decode("ascii").replace("\n", " ")[:1000]
 
 
 async def read_payload(request: web.Request) -> dict:
@@ -398,13 +156,8 @@ def parse_job(payload: dict, request: web.Request, base: tuple[int, ...] | None 
     parse = ACTION_PARSERS.get(action) if isinstance(action, str) else None
     if parse is None:
         raise InvalidRequestError(f"Unknown action: {action}", "action")
-    if AFTER_FIELD not in payload:
-        return parse(payload, request)
-    if base is None:
-        raise MalformedFieldError(f"{AFTER_FIELD} is only accepted on the WebSocket channel ({SOCKET_PATH})")
-    if action != "forward":
-        raise MalformedFieldError(f"{AFTER_FIELD} is only accepted on forward actions, not {action!r}")
-    return parse_forward(payload, request, base)
+    base = extensions.resolve_after(payload, base)
+    return parse_forward(payload, request, base) if base else parse(payload, request)
 
 
 def parse_forward(payload: dict, request: web.Request, base: tuple[int, ...] = ()) -> ForwardJob:
@@ -419,17 +172,10 @@ def parse_forward(payload: dict, request: web.Request, base: tuple[int, ...] = (
     sample = make_sample(payload, request)
     rows, is_batched = make_rows(input_ids, mask)
     if base:
-        rows = appended_rows(base, rows, mask)
+        rows = extensions.appended_rows(base, rows, mask)
     for index, row in enumerate(rows):
         check_row(row, row_name(index, is_batched), state.loaded.vocab_size, state.loaded.context_length, len(base))
     return ForwardJob(sample, rows, is_batched)
-
-
-def appended_rows(base: tuple[int, ...], rows: tuple[tuple[int, ...], ...], mask: Any) -> tuple[tuple[int, ...]]:
-    """The one row of `rows` after `base` (``input_ids_after``)."""
-    if len(rows) != 1 or mask is not None:
-        raise MalformedFieldError(f"with {AFTER_FIELD}, send one row of new token ids and a null attention_mask")
-    return (base + rows[0],)
 
 
 def parse_tokenize(payload: dict, request: web.Request) -> TokenizeJob:
@@ -477,15 +223,6 @@ def client_key(request: web.Request, client_id: str) -> str:
 
 
 # ---- input_ids validation -------------------------------------------------------------------
-
-
-def is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_int_list(value: Any) -> bool:
-    """A list of ints (not bools); plain ints are checked at C speed first."""
-    return isinstance(value, list) and (are_plain_ints(value) or all(is_token_id(v) for v in value))
 
 
 def is_mask_value(value: Any) -> bool:
@@ -539,9 +276,9 @@ def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: 
 
 def check_vocabulary(ids, name: str, vocab_size: int) -> None:
     """Every id of `ids` (already checked to be ints) in [0, vocab_size), or an error naming the first outside."""
-    if not ids or are_in_vocabulary(ids, vocab_size):  # C-speed passes; the loop below finds the culprit
+    bad = first_outside_vocabulary(ids, vocab_size)
+    if bad is None:
         return
-    bad = next(t for t in ids if not 0 <= t < vocab_size)
     raise InvalidRequestError(
         f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size}); "
         f"send ids from the model's tokenizer", "input_ids"
@@ -580,12 +317,8 @@ async def run_job(job: Job, work: Coroutine[Any, Any, JobResult], deliver: Deliv
         result = await work
     except Exception as exc:  # deliver every failure as an error result: no sample is lost
         log.info("legacy sample %r failed: %s", job.sample.sample_id, exc)
-        result = JobResult("error", error_text(exc))
+        result = JobResult("error", error_message(exc))
     await deliver(job.sample, result)
-
-
-def error_text(exc: Exception) -> str:
-    return str(exc) or type(exc).__name__
 
 
 @dataclasses.dataclass(eq=False)
@@ -641,7 +374,7 @@ def begin_forward(app: web.Application, job: ForwardJob) -> Coroutine[Any, Any, 
     refusal becomes the sample's error result."""
     engine, lookahead = app[STATE].engine, app[LEGACY].lookahead
     client = job.sample.client_key
-    ready = [lookahead.take(client, row) if lookahead is not None else None for row in job.rows]
+    ready = extensions.take_lookaheads(lookahead, client, job.rows)
     try:
         submitted = iter(submit_rows(engine, tuple(row for row, task in zip(job.rows, ready) if task is None)))
     except Exception as exc:
@@ -671,13 +404,8 @@ async def row_logits_of(engine, row: tuple[int, ...], lookahead: asyncio.Task) -
 
 async def run_forward(app: web.Application, job: ForwardJob, waits: list) -> JobResult:
     logits = await asyncio.gather(*waits)
-    lookahead = app[LEGACY].lookahead
-    if lookahead is not None:
-        engine = app[STATE].engine
-        for row, row_logits in zip(job.rows, logits):
-            lookahead.start_after(
-                job.sample.client_key, row, row_logits, functools.partial(start_forward, engine, is_speculative=True)
-            )
+    speculate = functools.partial(start_forward, app[STATE].engine, is_speculative=True)
+    extensions.start_lookaheads(app[LEGACY].lookahead, job.sample.client_key, job.rows, logits, speculate)
     return JobResult("next_token_logits", LogitRows(tuple(logits), job.is_batched))
 
 
@@ -778,17 +506,3 @@ async def handle_results(request: web.Request) -> web.Response:
         await store.wait_for_results(key, wait)
     body = b"[" + b",".join(store.take_all(key)) + b"]"
     return web.Response(body=body, content_type="application/json", headers={LONG_POLL_HEADER: "1"})
-
-
-def parse_wait(text: str | None) -> float:
-    """Seconds to wait for a first result (extension), at most MAX_WAIT_SECONDS."""
-    if text is None:
-        return 0.0
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not seconds >= 0:
-        raise MalformedFieldError(f"wait must be a number of seconds >= 0, got {text!r}")
-    return min(seconds, MAX_WAIT_SECONDS)
-

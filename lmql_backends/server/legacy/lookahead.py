@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from ..errors import LmqlBackendsError
+from ...errors import LmqlBackendsError
 
 log = logging.getLogger("lmql_backends.server.legacy")
 

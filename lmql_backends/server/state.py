@@ -1,0 +1,73 @@
+"""What every server module shares: the server's configuration, its state and the app keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aiohttp import web
+
+from ..engine import Engine, EngineConfig
+from ..engine.process import EngineProcess
+from ..errors import InvalidRequestError
+from ..loader import LoadedModel
+from .validation import is_positive_int
+
+#: the environment variable holding the API key when none is given
+API_KEY_ENV = "LMQL_BACKENDS_API_KEY"
+STATE = web.AppKey("state", object)
+#: functions returning a dataclass of extra /metrics gauges (the protocol modules add theirs)
+METRICS_SOURCES = web.AppKey("metrics_sources", list)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything `serve-model` needs besides the model's load options."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    legacy: bool = False
+    served_model_names: tuple[str, ...] = ()
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    drain_seconds: float = 5.0
+    engine: EngineConfig = EngineConfig()
+    legacy_lookahead: bool = True
+    #: run the engine in a process of its own (engine/process.py) or in a thread of this one;
+    #: None: a process for the new API (many streams), a thread for the legacy API (one round trip per token)
+    engine_process: bool | None = None
+    #: the Jinja chat template of /v1/chat/completions (None: the tokenizer's own)
+    chat_template: str | None = None
+    #: take a request's own chat_template (Jinja that runs in the server; off by default, as in vLLM)
+    trust_request_chat_template: bool = False
+
+    @property
+    def is_engine_process(self) -> bool:
+        return (not self.legacy) if self.engine_process is None else self.engine_process
+
+    def __post_init__(self):
+        if not is_positive_int(self.max_body_bytes):
+            raise InvalidRequestError(
+                f"max_body_bytes must be a positive number of bytes, got {self.max_body_bytes!r}", "max_body_bytes"
+            )
+        if not isinstance(self.drain_seconds, (int, float)) or not self.drain_seconds >= 0:
+            raise InvalidRequestError(
+                f"drain_seconds must be a number of seconds >= 0, got {self.drain_seconds!r}", "drain_seconds"
+            )
+
+
+@dataclasses.dataclass
+class ServerState:
+    """What every handler can reach: the model string, the loaded model and the engine."""
+
+    model_name: str
+    loaded: LoadedModel
+    engine: Engine | EngineProcess
+    config: ServerConfig
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.config.served_model_names)
+
+
+def get_state(request: web.Request) -> ServerState:
+    return request.app[STATE]
