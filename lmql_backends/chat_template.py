@@ -1,7 +1,7 @@
 """A model's chat template: messages → the prompt text the model was tuned on.
 
 Both users of chat messages render them here, with the tokenizer's own `apply_chat_template`
-(Jinja, sandboxed by transformers): the ``/v1/chat/completions`` endpoint (server/chat.py) and
+(Jinja, sandboxed by transformers): the ``/v1/chat/completions`` endpoint (server/openai/chat.py) and
 LMQL's role tags in query strings (runtime/chat.py). A template is the tokenizer's, or one
 given explicitly (``serve-model --chat-template FILE``, a request's ``chat_template``).
 Rendering errors (a template that refuses the messages, a missing template) become

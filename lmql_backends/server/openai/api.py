@@ -236,7 +236,7 @@ class Usage:
 class CompletionFormat:
     """How an endpoint's answers look; this one is /v1/completions' ``text_completion``.
 
-    server/chat.py subclasses it for ``chat.completion`` objects; the handling of requests,
+    chat.py subclasses it for ``chat.completion`` objects; the handling of requests,
     streams, errors and cancellation is the same for every format.
     """
 
