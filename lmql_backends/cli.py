@@ -68,6 +68,11 @@ def add_serve_parser(commands) -> None:
                             "oneDNN per layer and batch size, timed at start), blas or onednn")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                        help="largest request body accepted; larger ones get 413 (default 8 MiB)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="Jinja chat template of /v1/chat/completions, for a model whose tokenizer has none "
+                            "(or to replace its own)")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let /v1/chat/completions requests send their own chat_template (Jinja run by the server)")
     serve.add_argument("--drain-seconds", type=float, default=5.0,
                        help="on SIGINT/SIGTERM, let running requests finish this long before cancelling (default 5)")
 
@@ -143,7 +148,9 @@ def serve_model(args, extra: list[str]) -> None:
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
-        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process, cuda=args.cuda,
+        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process,
+        chat_template=args.chat_template, trust_request_chat_template=args.trust_request_chat_template,
+        cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
 

@@ -79,3 +79,43 @@ def legacy_server(tiny_model):
     handle = serve(tiny_model, port=0, legacy=True, background=True)
     yield handle
     handle.stop()
+
+
+# ---- a chat model (issue 24): ChatML-style template, its turn markers as special tokens ----
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_chat_model_dir(path, chat_template: str | None = CHAT_TEMPLATE) -> str:
+    """A random-weight Llama model whose tokenizer (the tiny one plus <|im_start|>/<|im_end|>,
+    EOS <|im_end|>) has `chat_template` (None: no template)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = chat_template
+    torch.manual_seed(4321)
+    model = LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+        max_position_embeddings=512, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> str:
+    """Path of a random-weight Llama model with a chat template (CHAT_TEMPLATE)."""
+    return build_chat_model_dir(tmp_path_factory.mktemp("chat-model"))
+
+
+@pytest.fixture(scope="session")
+def no_template_model_dir(tmp_path_factory) -> str:
+    """Path of the same kind of model whose tokenizer has no chat template."""
+    return build_chat_model_dir(tmp_path_factory.mktemp("no-template-model"), chat_template=None)

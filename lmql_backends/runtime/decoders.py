@@ -25,6 +25,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import BackendError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError
 from ..language.parser import DistributionClause, Query
 from ..language.program import FilledHole, HoleContext, ProgramTrace, StopProgram
+from .chat import with_rendered_prompt
 from .constraints import ConstraintSet, Progress, VariableConstraints, VariableRecord, compile_constraints
 from .masks import same_mask
 from .result import QueryResult
@@ -210,6 +211,7 @@ async def decode(query: Query, client: LMClient, spec: DecoderSpec, inputs: dict
         seed = spec.seed if spec.seed is not None else secrets.randbits(31)
         runs = [run_sampled(session, sampling_params(spec, seed + i)) for i in range(spec.n)]
         results = list(await asyncio.gather(*runs))
+    results = [with_rendered_prompt(r, client.tokenizer) for r in results]  # role tags: the chat the model saw
     return results[0] if spec.n == 1 else results
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..byte_level import unicode_to_byte
 from ..errors import InvalidRequestError
+from .chat import has_role_tags, render_prompt
 
 INT_PATTERN = re.compile(rb" ?[0-9]+")
 DIGITS_PATTERN = re.compile(rb"[0-9]+")
@@ -173,7 +174,12 @@ def sentencepiece_bytes(piece: str) -> bytes:
 
 
 def prompt_ids(tokenizer, text: str, bos_token_id: int | None) -> list[int]:
-    """The ids of a prompt: BOS (when the tokenizer has one) then the text, without specials."""
+    """The ids of a prompt: BOS (when the tokenizer has one) then the text, without specials.
+
+    Text with role tags (``<lmql:user/>``, ...) is rendered as chat messages instead (runtime/chat.py).
+    """
+    if has_role_tags(text):  # chat: the model's chat template (issue 24)
+        return render_prompt(tokenizer, text, bos_token_id).ids
     ids = list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
     ids = ([bos_token_id] if bos_token_id is not None else []) + ids
     if not ids:

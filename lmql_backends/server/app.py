@@ -17,11 +17,14 @@ import threading
 from aiohttp import web
 
 from ..engine import Engine, EngineConfig
+from ..chat_template import load_chat_template
 from ..engine.process import EngineProcess
+from ..errors import InvalidRequestError
 from ..loader import LoadOptions, describe, load_model
 from .http import auth_middleware, error_middleware
 from .legacy import routes as legacy_routes
 from .openai import api as openai_api
+from .openai import chat as openai_chat
 from .state import API_KEY_ENV, METRICS_SOURCES, STATE, ServerConfig, ServerState, get_state
 
 log = logging.getLogger("lmql_backends.server")
@@ -41,7 +44,8 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
-    (legacy_routes if state.config.legacy else openai_api).add_routes(app)
+    for protocol in (legacy_routes,) if state.config.legacy else (openai_api, openai_chat):
+        protocol.add_routes(app)
     app.on_shutdown.append(stop_engine)
     return app
 
@@ -147,12 +151,24 @@ class ServerHandle:
         self.stop()
 
 
+def read_chat_template(value: str | None, legacy: bool) -> str | None:
+    """The template text of serve(chat_template=...): read before the model loads, so errors come first."""
+    if value is None:
+        return None
+    if legacy:
+        raise InvalidRequestError(
+            "chat_template is for /v1/chat/completions, which the legacy API has not; drop it or --legacy",
+            "chat_template",
+        )
+    return load_chat_template(value)
+
+
 def serve(
     model: str, *, host: str = "127.0.0.1", port: int = 8080, legacy: bool = False,
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
     drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
-    **load_kwargs,
+    chat_template: str | None = None, trust_request_chat_template: bool = False, **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
@@ -163,13 +179,17 @@ def serve(
     lookahead (computing the likeliest next forward while the client chooses). ``engine_process``:
     run the engine in a process of its own (True) or in a thread of this process, sharing its GIL
     with the HTTP work (False); by default a process for the new API and a thread for the legacy
-    API, whose clients wait for one round trip per token. Other keywords are load options (``cuda``,
+    API, whose clients wait for one round trip per token. ``chat_template``: the Jinja chat template of
+    ``/v1/chat/completions`` (a file path or the template text) for a model whose tokenizer has none
+    or a wrong one; ``trust_request_chat_template=True`` lets requests send their own. Other keywords are
+    load options (``cuda``,
     ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
-        engine_process=engine_process,
+        engine_process=engine_process, chat_template=read_chat_template(chat_template, legacy),
+        trust_request_chat_template=trust_request_chat_template,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

@@ -35,6 +35,10 @@ class ServerConfig:
     #: run the engine in a process of its own (engine/process.py) or in a thread of this one;
     #: None: a process for the new API (many streams), a thread for the legacy API (one round trip per token)
     engine_process: bool | None = None
+    #: the Jinja chat template of /v1/chat/completions (None: the tokenizer's own)
+    chat_template: str | None = None
+    #: take a request's own chat_template (Jinja that runs in the server; off by default, as in vLLM)
+    trust_request_chat_template: bool = False
 
     @property
     def is_engine_process(self) -> bool:

@@ -5,7 +5,8 @@ A thin protocol adapter over the engine: the JSON body becomes a validated
 (they run concurrently, so they batch), and the engine's typed outputs become OpenAI
 ``text_completion`` objects through `ChoiceBuilder` (text.py), which decodes incrementally
 so that characters split across tokens are never corrupted. This module only has the
-routes, the handlers and the response formats. See docs/new-api.md for the reference.
+routes, the handlers and the response formats; chat.py answers /v1/chat/completions
+through the same `answer_completion` with its own `CompletionFormat`. See docs/new-api.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Any, AsyncGenerator, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -45,34 +46,44 @@ def add_routes(app: web.Application) -> None:
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions: validate everything, start the choices, answer (JSON or SSE)."""
+    return await answer_completion(request, CompletionRequest.from_json, COMPLETION_FORMAT)
+
+
+async def answer_completion(request: web.Request, parse: Callable[[Any, ServerState], CompletionRequest],
+                            response_format: "CompletionFormat") -> web.StreamResponse:
+    """Parse the body into a CompletionRequest with `parse`, start its choices, answer in `response_format`."""
     state = get_state(request)
     try:
-        completion = CompletionRequest.from_json(decode_json_body(await read_body(request)), state)
+        completion = parse(decode_json_body(await read_body(request)), state)
         started = await start_choices(state.engine, make_choice_plans(completion, state))
     except Exception as exc:
         log_unexpected(exc)
         return json_error(exc)
-    run = CompletionRun(completion, state, started)
+    run = CompletionRun(completion, state, started, response_format.builder)
     try:
         answer = stream_completion if completion.stream else complete
-        return await answer(request, completion, run, ResponseHeader.make(completion.model))
+        return await answer(request, completion, run, ResponseHeader.make(completion.model, response_format))
     finally:
         await run.cancel()
 
 
 async def complete(request: web.Request, completion: CompletionRequest, run: CompletionRun,
                    header: ResponseHeader) -> web.Response:
-    """The non-streaming answer: one text_completion object (abandoned if the client leaves)."""
-    choices = [ChoiceDelta.empty(i, completion.wants_logprobs) for i in range(completion.num_choices)]
+    """The non-streaming answer: one completion object (abandoned if the client leaves)."""
+    choices: list[ChoiceDelta | None] = [None] * completion.num_choices  # each choice's first delta, merged into
     try:
         async for delta in run.deltas():
             if is_disconnected(request):  # nobody will read the answer: create_completion aborts the choices
                 return web.Response(status=STATUS_CLIENT_CLOSED)
-            choices[delta.index].merge(delta)
+            if choices[delta.index] is None:
+                choices[delta.index] = delta
+            else:
+                choices[delta.index].merge(delta)
     except Exception as exc:
         log_unexpected(exc)
         return json_error(exc)
-    return web.json_response({**header.with_choices([c.to_json() for c in choices]), "usage": run.usage.to_json()})
+    body = header.with_choices([header.format.choice_json(c) for c in choices])
+    return web.json_response({**body, "usage": run.usage.to_json()})
 
 
 async def stream_completion(request: web.Request, completion: CompletionRequest, run: CompletionRun,
@@ -94,10 +105,12 @@ async def stream_completion(request: web.Request, completion: CompletionRequest,
 
 async def send_chunks(events: EventStream, completion: CompletionRequest, run: CompletionRun,
                       header: ResponseHeader) -> None:
-    """One chunk per non-empty delta, then the usage chunk if the client asked for it."""
+    """The format's opening chunks, one chunk per non-empty delta, then the usage chunk if asked for."""
+    for choice in header.format.opening_chunk_choices(completion.num_choices):
+        await events.send(make_chunk(header, [choice], completion))
     async for delta in run.deltas():
         if not delta.is_empty:
-            await events.send(make_chunk(header, [delta.to_json()], completion))
+            await events.send(make_chunk(header, [header.format.chunk_choice_json(delta)], completion))
     if completion.include_usage:
         await events.send({**make_chunk(header, [], completion), "usage": run.usage.to_json()})
 
@@ -169,11 +182,12 @@ class CompletionRun:
     One choice (the usual case) is read directly; several run as tasks feeding one queue.
     """
 
-    def __init__(self, completion: CompletionRequest, state: ServerState, started: list[StartedChoice]):
+    def __init__(self, completion: CompletionRequest, state: ServerState, started: list[StartedChoice],
+                 builder: type[ChoiceBuilder] = ChoiceBuilder):
         tokenizer = state.loaded.tokenizer
         namer = TokenNamer(tokenizer, completion.return_tokens_as_token_ids)
         self.usage = Usage(completion.num_prompt_tokens)
-        self.choices = [choice_deltas(s, ChoiceBuilder(s.plan, completion, tokenizer, namer)) for s in started]
+        self.choices = [choice_deltas(s, builder(s.plan, completion, tokenizer, namer)) for s in started]
         self.queue: asyncio.Queue = asyncio.Queue()
         many = len(self.choices) > 1
         self.tasks = [asyncio.create_task(run_choice(c, self.queue)) for c in self.choices] if many else []
@@ -219,6 +233,34 @@ class Usage:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
 
 
+class CompletionFormat:
+    """How an endpoint's answers look; this one is /v1/completions' ``text_completion``.
+
+    chat.py subclasses it for ``chat.completion`` objects; the handling of requests,
+    streams, errors and cancellation is the same for every format.
+    """
+
+    id_prefix = "cmpl-"
+    object = "text_completion"
+    chunk_object = "text_completion"
+    builder: type[ChoiceBuilder] = ChoiceBuilder
+
+    def choice_json(self, choice: ChoiceDelta) -> dict:
+        """A whole choice of the non-streaming answer."""
+        return choice.to_json()
+
+    def chunk_choice_json(self, delta: ChoiceDelta) -> dict:
+        """One delta of a choice in a streamed chunk."""
+        return delta.to_json()
+
+    def opening_chunk_choices(self, num_choices: int) -> list[dict]:
+        """Choices sent before any delta, one chunk each (none here)."""
+        return []
+
+
+COMPLETION_FORMAT = CompletionFormat()
+
+
 @dataclasses.dataclass(frozen=True)
 class ResponseHeader:
     """The fields every completion object and chunk of one response shares."""
@@ -226,22 +268,24 @@ class ResponseHeader:
     id: str
     created: int
     model: str
+    format: CompletionFormat = COMPLETION_FORMAT
 
     @classmethod
-    def make(cls, model: str) -> "ResponseHeader":
+    def make(cls, model: str, response_format: CompletionFormat = COMPLETION_FORMAT) -> "ResponseHeader":
         """A new response id, created now."""
-        return cls(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model)
+        return cls(f"{response_format.id_prefix}{uuid.uuid4().hex}", int(time.time()), model, response_format)
 
-    def to_json(self) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+    def to_json(self, is_chunk: bool = False) -> dict:
+        kind = self.format.chunk_object if is_chunk else self.format.object
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def with_choices(self, choices: list[dict]) -> dict:
-        return {**self.to_json(), "choices": choices}
+    def with_choices(self, choices: list[dict], is_chunk: bool = False) -> dict:
+        return {**self.to_json(is_chunk), "choices": choices}
 
 
 def make_chunk(header: ResponseHeader, choices: list[dict], completion: CompletionRequest) -> dict:
     """One SSE chunk; with include_usage every chunk has "usage": null but the last."""
-    chunk = header.with_choices(choices)
+    chunk = header.with_choices(choices, is_chunk=True)
     if completion.include_usage:
         chunk["usage"] = None
     return chunk

@@ -56,28 +56,14 @@ class CompletionRequest:
     def from_json(cls, body: Any, state: ServerState) -> "CompletionRequest":
         """Validate a decoded JSON body; every bad value raises InvalidRequestError naming it."""
         check_is_object(body)
-        model = read_model(body, state.served_names)
-        vocab_size = state.loaded.vocab_size
+        shared = read_shared_fields(body, state)
         echo = read_bool(body, "echo", False)
-        n = read_int(body, "n", 1, 1, MAX_N)
-        check_unsupported(body, n)
         return cls(
-            model=model,
-            prompts=read_prompts(body, state.loaded.tokenizer, vocab_size),
+            prompts=read_prompts(body, state.loaded.tokenizer, state.loaded.vocab_size),
             max_tokens=read_max_tokens(body, echo),
-            temperature=read_float(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
-            top_p=read_top_p(body),
-            n=n,
-            seed=read_int(body, "seed", None, *SEED_RANGE),
-            stop=read_stop(body),
             logprobs=read_int(body, "logprobs", None, 0, MAX_LOGPROBS),
-            logit_bias=read_logit_bias(body, vocab_size),
             echo=echo,
-            stream=read_bool(body, "stream", False),
-            include_usage=read_include_usage(body),
-            allowed_token_ids=read_allowed_token_ids(body, vocab_size),
-            return_tokens_as_token_ids=read_bool(body, "return_tokens_as_token_ids", False),
-            ignore_eos=read_bool(body, "ignore_eos", False),
+            **shared,
         )
 
     @property
@@ -92,6 +78,28 @@ class CompletionRequest:
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
+
+
+def read_shared_fields(body: dict, state: ServerState) -> dict[str, Any]:
+    """The CompletionRequest fields that /v1/completions and /v1/chat/completions read alike."""
+    model = read_model(body, state.served_names)
+    vocab_size = state.loaded.vocab_size
+    n = read_int(body, "n", 1, 1, MAX_N)
+    check_unsupported(body, n)
+    return dict(
+        model=model,
+        temperature=read_float(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
+        top_p=read_top_p(body),
+        n=n,
+        seed=read_int(body, "seed", None, *SEED_RANGE),
+        stop=read_stop(body),
+        logit_bias=read_logit_bias(body, vocab_size),
+        stream=read_bool(body, "stream", False),
+        include_usage=read_include_usage(body),
+        allowed_token_ids=read_allowed_token_ids(body, vocab_size),
+        return_tokens_as_token_ids=read_bool(body, "return_tokens_as_token_ids", False),
+        ignore_eos=read_bool(body, "ignore_eos", False),
+    )
 
 
 def decode_json_body(raw: bytes) -> Any:

@@ -204,6 +204,9 @@ class LogprobsPart:
         self.top_logprobs.append(top)
         self.text_offset.append(offset)
 
+    def __len__(self) -> int:
+        return len(self.tokens)
+
     def extend(self, other: "LogprobsPart") -> None:
         for field in dataclasses.fields(self):
             getattr(self, field.name).extend(getattr(other, field.name))
@@ -229,7 +232,7 @@ class ChoiceDelta:
 
     @property
     def is_empty(self) -> bool:
-        has_tokens = self.logprobs is not None and bool(self.logprobs.tokens)
+        has_tokens = self.logprobs is not None and len(self.logprobs) > 0
         return not self.text and not has_tokens and self.finish_reason is None
 
     def merge(self, delta: "ChoiceDelta") -> None:
