@@ -20,6 +20,7 @@ from ..engine import Engine, EngineConfig
 from ..engine.process import EngineProcess
 from ..loader import LoadOptions, describe, load_model
 from .http import auth_middleware, error_middleware
+from . import lmtp
 from .legacy import routes as legacy_routes
 from .openai import api as openai_api
 from .state import API_KEY_ENV, METRICS_SOURCES, STATE, ServerConfig, ServerState, get_state
@@ -42,6 +43,8 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
     (legacy_routes if state.config.legacy else openai_api).add_routes(app)
+    if not state.config.legacy:
+        lmtp.add_routes(app, state)  # LMQL 0.7.x's client: a WebSocket at /
     app.on_shutdown.append(stop_engine)
     return app
 
