@@ -41,6 +41,8 @@ DEFAULT_TOP_LOGPROBS = 1
 MAX_TOP_LOGPROBS = 100
 #: a connection whose client leaves more than this many bytes of replies unread loses its streams
 MAX_UNSENT_BYTES = 4 * 2**20
+#: replies are split into frames of at most this size
+MAX_FRAME_BYTES = 2**18
 #: decoding parameters LMQL's client may send, accepted at their neutral value only
 NEUTRAL_PARAMETERS = {
     "top_k": (None, 0), "repetition_penalty": (None, 1, 1.0), "presence_penalty": (None, 0, 0.0),
@@ -101,11 +103,13 @@ class ModelInfoCommand:
 
 
 class FrameError(InvalidRequestError):
-    """A frame or field is bad; `stream_id` is the stream it names (None when unknown)."""
+    """A frame or field is bad; `stream_id` is the stream it names (None when unknown), `error`
+    the typed error it reports (itself, or the InvalidRequestError/ModelNotFoundError of a field)."""
 
-    def __init__(self, message: str, param: str | None, stream_id: Any = None):
+    def __init__(self, message: str, param: str | None, stream_id: Any = None, error: Exception | None = None):
         super().__init__(message, param)
         self.stream_id = stream_id
+        self.error = error or self
 
 
 def parse_frame(text: str, facts: ModelFacts):
@@ -120,10 +124,8 @@ def parse_frame(text: str, facts: ModelFacts):
             return parse_score(body, facts)
         if command == "MODEL_INFO":
             return ModelInfoCommand(stream_id)
-    except InvalidRequestError as exc:
-        raise FrameError(str(exc), exc.param, stream_id) from None
-    except ModelNotFoundError as exc:
-        raise FrameError(str(exc), "model", stream_id) from None
+    except (InvalidRequestError, ModelNotFoundError) as exc:
+        raise FrameError(str(exc), exc.param, stream_id, exc) from None
     raise FrameError(
         f"unknown command {command[:40]!r}; LMTP commands are GENERATE, SCORE and MODEL_INFO", "command", stream_id
     )
@@ -334,18 +336,23 @@ class Outbox:
             await self._wake.wait()
             self._wake.clear()
             pending, self._pending = self._pending, []
-            for kind, items in group_by_kind(pending):
+            for kind, items in group_frames(pending):
                 await self.ws.send_frame(kind + b" [" + b",".join(items) + b"]", WSMsgType.TEXT)
                 self.num_unsent -= sum(map(len, items))
 
 
-def group_by_kind(pending: list[tuple[bytes, bytes]]) -> list[tuple[bytes, list[bytes]]]:
+def group_frames(pending: list[tuple[bytes, bytes]]) -> list[tuple[bytes, list[bytes]]]:
+    """Consecutive items of one kind share a frame of at most MAX_FRAME_BYTES (clients limit
+    message sizes: aiohttp's default, which LMQL's client keeps, is 4 MiB)."""
     groups: list[tuple[bytes, list[bytes]]] = []
+    size = 0
     for kind, item in pending:
-        if groups and groups[-1][0] == kind:
+        if groups and groups[-1][0] == kind and size + len(item) <= MAX_FRAME_BYTES:
             groups[-1][1].append(item)
+            size += len(item) + 1
         else:
             groups.append((kind, [item]))
+            size = len(item)
     return groups
 
 
@@ -366,14 +373,14 @@ class Connection:
                 return self.outbox.put(b"MSG", {"stream_id": command.stream_id, "model_info": model_info(self.facts)})
             self.start(command)
         except FrameError as exc:
-            self.outbox.put(b"TOKEN", error_item(exc.stream_id, exc))
+            self.outbox.put(b"TOKEN", error_item(exc.stream_id, exc.error))
 
     def start(self, command: GenerateCommand | ScoreCommand) -> None:
         if command.stream_id in self.streams:
             raise FrameError(f"stream_id {command.stream_id} is already running on this connection; "
                              f"use a new stream_id for each GENERATE and SCORE", "stream_id", command.stream_id)
         if self.outbox.is_overflowing:
-            raise FrameError(unread_message(self.outbox.num_unsent), None, command.stream_id)
+            raise FrameError(unread_message(self.outbox.num_unsent, self.outbox.max_unsent), None, command.stream_id)
         task = asyncio.create_task(self.run_stream(command))
         self.streams[command.stream_id] = task
         task.add_done_callback(lambda _: self.streams.pop(command.stream_id, None))
@@ -399,7 +406,8 @@ class Connection:
         """The client stopped reading: abort every stream (each gets an error item, sent if it reads again)."""
         for stream_id, task in list(self.streams.items()):
             task.cancel()
-            self.outbox.put(b"TOKEN", error_item(stream_id, InvalidRequestError(unread_message(self.outbox.num_unsent))))
+            error = InvalidRequestError(unread_message(self.outbox.num_unsent, self.outbox.max_unsent))
+            self.outbox.put(b"TOKEN", error_item(stream_id, error))
 
     async def close(self) -> None:
         tasks = list(self.streams.values())
@@ -408,15 +416,15 @@ class Connection:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def unread_message(num_unsent: int) -> str:
-    return (f"the client has left {num_unsent} bytes of replies unread (limit {MAX_UNSENT_BYTES}); the server "
+def unread_message(num_unsent: int, limit: int) -> str:
+    return (f"the client has left {num_unsent} bytes of replies unread (limit {limit}); the server "
             f"cancelled the connection's streams; read replies as they come")
 
 
 # ---- the endpoint --------------------------------------------------------------------------
 
 
-def add_routes(app: web.Application, state) -> None:
+def add_routes(app: web.Application, state, max_unsent: int = MAX_UNSENT_BYTES) -> None:
     """Serve LMTP at ``/`` for `state` (a ServerState: its engine, loaded model and names)."""
     facts = ModelFacts(state.served_names, state.loaded.vocab_size, state.loaded.context_length,
                        state.loaded.eos_token_id)
@@ -428,15 +436,16 @@ def add_routes(app: web.Application, state) -> None:
             raise web.HTTPBadRequest(text="LMTP is served as a WebSocket at '/': connect with a WebSocket client "
                                           "(e.g. LMQL's lmql.model(MODEL, endpoint='HOST:PORT'))")
         await ws.prepare(request)
-        await serve_connection(ws, state.engine, facts)
+        await serve_connection(ws, state.engine, facts, max_unsent)
         return ws
 
     app.router.add_get(LMTP_PATH, lmtp_socket)
 
 
-async def serve_connection(ws: web.WebSocketResponse, engine, facts: ModelFacts) -> None:
+async def serve_connection(ws: web.WebSocketResponse, engine, facts: ModelFacts,
+                           max_unsent: int = MAX_UNSENT_BYTES) -> None:
     """Read frames until the client closes; then abort every stream still running."""
-    connection = Connection(ws, engine, facts)
+    connection = Connection(ws, engine, facts, max_unsent)
     writer = asyncio.create_task(connection.outbox.run())
     try:
         async for msg in ws:
