@@ -87,12 +87,12 @@ TINY_TARGETS = {"len(X) < 120": 3.0, "len(TOKENS(X)) < 32": 3.0, "in": 3.0}
 
 def gpt2_queries() -> dict[str, str]:
     return {
-        "1000-token prompt, len(X) < 120": query(long_prompt_text(1000) + "[X]", "len(X) < 120"),
+        "950-token prompt, len(X) < 120": query(long_prompt_text(950) + "[X]", "len(X) < 120"),
         "16-token prompt, len(TOKENS(X)) < 65": query(long_prompt_text(16) + "[X]", "len(TOKENS(X)) < 65"),
     }
 
 
-GPT2_TARGETS = {"1000-token prompt, len(X) < 120": 5.0, "16-token prompt, len(TOKENS(X)) < 65": 0.95}
+GPT2_TARGETS = {"950-token prompt, len(X) < 120": 5.0, "16-token prompt, len(TOKENS(X)) < 65": 0.95}
 
 # Run by the venv's Python: argv = endpoint, model dir, spec file ({"queries": {name: code}, "repetitions"}).
 # The first run of each query is a warm-up; one event loop for all (LMQL 0.7.3 needs that).
