@@ -22,6 +22,7 @@ from ..engine.process import EngineProcess
 from ..errors import InvalidRequestError
 from ..loader import LoadOptions, describe, load_model
 from .http import auth_middleware, error_middleware
+from . import lmtp
 from .legacy import routes as legacy_routes
 from .openai import api as openai_api
 from .openai import chat as openai_chat
@@ -46,6 +47,8 @@ def make_app(state: ServerState) -> web.Application:
     app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
     for protocol in (legacy_routes,) if state.config.legacy else (openai_api, openai_chat):
         protocol.add_routes(app)
+    if not state.config.legacy:
+        lmtp.add_routes(app, state)  # LMQL 0.7.x's client: a WebSocket at /
     app.on_shutdown.append(stop_engine)
     return app
 

@@ -21,6 +21,8 @@ log = logging.getLogger("lmql_backends.server")
 
 #: paths answered without an API key (load balancers probe them), as vLLM does
 OPEN_PATHS = frozenset({"/health"})
+#: paths where the key may also come as ``?api_key=KEY``: the LMTP WebSocket (LMQL's client sends no header)
+QUERY_KEY_PATHS = frozenset({"/"})
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -111,10 +113,18 @@ async def auth_middleware(request: web.Request, handler):
     """Every path but /health needs ``Authorization: Bearer <key>`` when the server has a key."""
     expected = get_state(request).config.api_key
     is_open = not expected or request.path in OPEN_PATHS
-    if not is_open and not is_authorized(request.headers.get("Authorization", ""), expected):
+    if not is_open and not is_authorized(request.headers.get("Authorization", ""), expected) \
+            and not is_query_key_valid(request, expected):
         exc = AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
         return error_response(get_state(request), exc)
     return await handler(request)
+
+
+def is_query_key_valid(request: web.Request, expected: str) -> bool:
+    """Constant-time check of ``?api_key=KEY`` on the paths that take it (QUERY_KEY_PATHS)."""
+    sent = request.query.get("api_key", "")
+    return request.path in QUERY_KEY_PATHS and hmac.compare_digest(sent.encode("utf-8", "surrogateescape"),
+                                                                    expected.encode())
 
 
 def is_authorized(header: str, expected: str) -> bool:
