@@ -55,6 +55,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--loader", choices=LOADERS, default=None, help="transformers (default), awq or gptq")
     serve.add_argument("--tokenizer", default=None, help="load the tokenizer from here instead")
     serve.add_argument("--served-model-name", action="append", default=[], help="extra name(s) to answer to")
+    serve.add_argument("--playground", action="store_true",
+                       help="let the playground run queries (Python) on a non-loopback --host; on by default on loopback")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or LMQL_BACKENDS_API_KEY)")
     serve.add_argument("--cache-tokens", type=int, default=32768, help="prefix KV cache size in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
@@ -143,7 +145,8 @@ def serve_model(args, extra: list[str]) -> None:
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
-        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process, cuda=args.cuda,
+        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process, playground=args.playground,
+        cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
 

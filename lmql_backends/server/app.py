@@ -22,6 +22,7 @@ from ..loader import LoadOptions, describe, load_model
 from .http import auth_middleware, error_middleware
 from .legacy import routes as legacy_routes
 from .openai import api as openai_api
+from .playground import routes as playground
 from .state import API_KEY_ENV, METRICS_SOURCES, STATE, ServerConfig, ServerState, get_state
 
 log = logging.getLogger("lmql_backends.server")
@@ -34,7 +35,7 @@ ENGINE_READY_SECONDS = 120
 def make_app(state: ServerState) -> web.Application:
     """The aiohttp application for `state`: shared endpoints plus one API's routes."""
     app = web.Application(
-        client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, auth_middleware]
+        client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, playground.redirect_browsers, auth_middleware]
     )
     app[STATE] = state
     app[METRICS_SOURCES] = [state.engine.stats]
@@ -42,6 +43,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(drain_engine)  # first: in-flight requests may finish
     (legacy_routes if state.config.legacy else openai_api).add_routes(app)
+    playground.add_routes(app, state.config.host, state.config.playground)
     app.on_shutdown.append(stop_engine)
     return app
 
@@ -152,6 +154,7 @@ def serve(
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
     drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
+    playground: bool = False,
     **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
@@ -163,13 +166,15 @@ def serve(
     lookahead (computing the likeliest next forward while the client chooses). ``engine_process``:
     run the engine in a process of its own (True) or in a thread of this process, sharing its GIL
     with the HTTP work (False); by default a process for the new API and a thread for the legacy
-    API, whose clients wait for one round trip per token. Other keywords are load options (``cuda``,
+    API, whose clients wait for one round trip per token. ``playground=True`` lets the playground
+    (``/playground``, ``POST /v1/queries``) run queries, which run Python, on a non-loopback
+    `host` (on loopback it always may). Other keywords are load options (``cuda``,
     ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
-        engine_process=engine_process,
+        engine_process=engine_process, playground=playground,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

@@ -21,6 +21,8 @@ log = logging.getLogger("lmql_backends.server")
 
 #: paths answered without an API key (load balancers probe them), as vLLM does
 OPEN_PATHS = frozenset({"/health"})
+#: the playground page and its files (a navigating browser sends no key; the page sends it with queries)
+OPEN_PREFIXES = ("/playground/", )
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -110,11 +112,15 @@ async def error_middleware(request: web.Request, handler):
 async def auth_middleware(request: web.Request, handler):
     """Every path but /health needs ``Authorization: Bearer <key>`` when the server has a key."""
     expected = get_state(request).config.api_key
-    is_open = not expected or request.path in OPEN_PATHS
+    is_open = not expected or request.path in OPEN_PATHS or is_page(request.path)
     if not is_open and not is_authorized(request.headers.get("Authorization", ""), expected):
         exc = AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
         return error_response(get_state(request), exc)
     return await handler(request)
+
+
+def is_page(path: str) -> bool:
+    return path == "/playground" or path.startswith(OPEN_PREFIXES)
 
 
 def is_authorized(header: str, expected: str) -> bool:

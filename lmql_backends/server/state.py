@@ -35,6 +35,8 @@ class ServerConfig:
     #: run the engine in a process of its own (engine/process.py) or in a thread of this one;
     #: None: a process for the new API (many streams), a thread for the legacy API (one round trip per token)
     engine_process: bool | None = None
+    #: run playground queries (Python) even when the server binds a non-loopback address
+    playground: bool = False
 
     @property
     def is_engine_process(self) -> bool:
