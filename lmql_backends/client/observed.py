@@ -11,16 +11,16 @@ distribution and reports, in order:
 - `TokenEvent`: the chosen token, its log-probability (as the decoder sees it), how many
   tokens the mask allowed, the model's top-k alternatives (masked ones marked) and the best
   token the mask removed when the model preferred it to the chosen one;
-- `VariableEndEvent`: when the decoder moves on, why the variable just generated ended
-  (inferred from what the decoder does next: EOS, a stop phrase cut its text, or the
-  constraints/length allowed no more tokens).
+- `VariableEndEvent`: why the variable just generated ended (the decoders call
+  `variable_ended` with the variable's finish reason).
 
-The decoders are not changed: everything is read from the calls they make.
+Apart from that one call, everything is read from the calls the decoders make.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os.path
 from typing import Callable, Union
 
 import torch
@@ -72,7 +72,8 @@ class TokenEvent:
 class VariableEndEvent:
     """The variable that produced the last `TokenEvent`s ended; `reason` says why."""
 
-    reason: str  # "eos", "stop_phrase", "constraints"
+    variable: str
+    reason: str  # "eos", "stop", "forced", "length"
     description: str
 
 
@@ -80,8 +81,9 @@ Event = Union[PromptEvent, TokenEvent, VariableEndEvent]
 
 END_DESCRIPTIONS = {
     "eos": "the model chose the end-of-sequence token",
-    "stop_phrase": "a stop phrase (STOPS_AT / STOPS_BEFORE) ended the variable and cut its text",
-    "constraints": "the where clause (or max_len) allowed no further token",
+    "stop": "a stop phrase of {variable} (STOPS_AT / STOPS_BEFORE) occurred",
+    "forced": "the where clause allows no further token for {variable}",
+    "length": "the query reached max_len (or the model's context length)",
 }
 
 
@@ -95,7 +97,6 @@ class ObservedClient(LMClient):
         self.name, self.tokenizer = inner.name, inner.tokenizer
         self.context_length = getattr(inner, "context_length", None)
         self._shown: list[int] = []  # the ids reported so far (prompt and tokens), in order
-        self._last_was_token = False
 
     async def generate(self, ids, mask, max_tokens, sampling: SamplingParams) -> list[TokenChoice]:
         ids = list(ids)
@@ -116,43 +117,39 @@ class ObservedClient(LMClient):
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-    def finish(self) -> None:
-        """Report the end of the last variable (call once the query has returned)."""
-        self._report_end(None)
+    def variable_ended(self, variable: str, reason: str) -> None:
+        """Called by the decoders when `variable` has ended with `reason` (a finish reason)."""
+        description = END_DESCRIPTIONS.get(reason, reason).format(variable=variable)
+        self.observe(VariableEndEvent(variable, reason, description))
+
+    def finish(self, prompt: str) -> None:
+        """Report the prompt text after the last variable, once the query has returned with the
+        whole prompt text `prompt` (``QueryResult.prompt``)."""
+        self._report_text(prompt, ())
 
     # ---- what each call tells --------------------------------------------------------------
 
     def _report_context(self, ids: list[int]) -> None:
-        """Prompt events for the ids of `ids` not reported yet (and the end of the previous variable)."""
-        shown = self._shown
-        if ids[:len(shown)] == shown:
-            new = ids[len(shown):]
-            if new:
-                self._report_end(ids)
-        else:  # a new context (a stop phrase cut the previous one, or a new prompt segment)
-            self._report_end(ids)
-            common = common_prefix_length(shown, ids)
-            new = ids[common:]
-        if new:
-            self.observe(PromptEvent(tuple(new), self.tokenizer.decode(new)))
+        """A prompt event for what `ids` adds to what was reported."""
+        if ids != self._shown:
+            self._report_text(self.text_of(ids), ids[common_prefix_length(self._shown, ids):])
         self._shown = ids
 
-    def _report_end(self, next_ids: list[int] | None) -> None:
-        """A variable ended if the last id reported was a generated token."""
-        if not self._last_was_token:
-            return
-        self._last_was_token = False
-        shown = self._shown
-        if shown and shown[-1] == self.eos_token_id:
-            reason = "eos"
-        elif next_ids is not None and next_ids[:len(shown)] != shown:
-            reason = "stop_phrase"
-        else:
-            reason = "constraints"
-        self.observe(VariableEndEvent(reason, END_DESCRIPTIONS[reason]))
+    def _report_text(self, text: str, new_ids) -> None:
+        """The decoder moved on to a context whose text is `text`: show what it adds (after a stop
+        phrase cut a value, what follows the kept text)."""
+        shown = self.text_of(self._shown)
+        new_text = text[len(shown):] if text.startswith(shown) else text[len(os.path.commonprefix([shown, text])):]
+        if new_text:
+            self.observe(PromptEvent(tuple(new_ids), new_text))
+
+    def text_of(self, ids: list[int]) -> str:
+        """The prompt text of context `ids`: without the BOS token and EOS tokens (as results show it)."""
+        if ids and ids[0] == self.bos_token_id:
+            ids = ids[1:]
+        return self.tokenizer.decode([t for t in ids if t != self.eos_token_id])
 
     def _token_event(self, logits: torch.Tensor, mask, choice: TokenChoice) -> TokenEvent:
-        self._last_was_token = True
         num_tokens = self.num_tokens
         logits = logits[:num_tokens] if logits.shape[-1] > num_tokens else logits
         model = masked_logprobs(logits, None, SamplingParams())
@@ -175,9 +172,4 @@ class ObservedClient(LMClient):
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))

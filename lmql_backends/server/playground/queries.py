@@ -93,7 +93,7 @@ def decoder_spec(text: str, decoder: Any) -> DecoderSpec:
         spec = resolve_decoder(parse_query(text), decoder, {})
     if spec.name == "beam" or spec.n != 1:
         raise InvalidRequestError(
-            f"the playground shows one sequence; use argmax or sample with n=1 (got {spec.name} with n={spec.n})",
+            f"decoder must be argmax or sample with n=1, got {spec.name} with n={spec.n}: the playground shows one sequence",
             "decoder",
         )
     return spec
@@ -115,7 +115,7 @@ def event_json(event: Event) -> tuple[str, dict]:
     if isinstance(event, PromptEvent):
         return "prompt", {"text": event.text, "token_ids": list(event.token_ids)}
     if isinstance(event, VariableEndEvent):
-        return "variable_end", {"reason": event.reason, "description": event.description}
+        return "variable_end", dataclasses.asdict(event)
     return "token", {**dataclasses.asdict(event), "logprob": finite(event.logprob),
                      "model_logprob": finite(event.model_logprob)}
 
@@ -203,7 +203,7 @@ async def run_query(query: QueryRequest, client: ObservedClient, events: asyncio
     client.observe = observe
     try:
         result = await decode(parse_query(query.text), client, query.decoder, {})
-        client.finish()
+        client.finish(result.prompt)
         events.put_nowait(("result", summary.result_json(result)))
     except asyncio.CancelledError:
         raise

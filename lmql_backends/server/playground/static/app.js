@@ -146,7 +146,7 @@ function addToken(t) {
 function endVariable(data) {
   if (lastToken === null) return;
   tokens[Number(lastToken.dataset.index)].end = data;
-  lastToken.after(el("span", { class: "end", title: data.description }, "end: " + data.reason));
+  lastToken.after(el("span", { class: "end", title: data.description }, "end: " + data.reason + " (" + data.variable + ")"));
 }
 
 function inspect(index) {
