@@ -164,12 +164,16 @@ function inspect(index) {
   if (t.end) line("stop", t.end.description);
   const table = el("table");
   for (const alt of t.top) {
-    const row = el("tr");
+    const row = el("tr", alt.token_id === t.token_id ? { class: "chosen" } : {});
     row.append(el("td", alt.is_allowed ? {} : { class: "no", title: "removed by the constraints" }, visible(alt.text)));
-    row.append(el("td", {}, pct(alt.logprob)));
+    const bar = el("td");
+    const fill = el("i");
+    fill.style.width = (Math.exp(alt.logprob) * 10).toFixed(2) + "rem";
+    bar.append(fill);
+    row.append(bar, el("td", {}, pct(alt.logprob)));
     table.append(row);
   }
-  box.append(el("div", { class: "kv" }, "the model's top alternatives:"), table);
+  box.append(el("div", { class: "kv" }, "the model's top alternatives (struck through: removed by the constraints):"), table);
 }
 
 function showResult(r) {
