@@ -179,6 +179,7 @@ def serve(
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:
         return ServerHandle(state).start()
-    print(f"serving {model} ({'legacy' if legacy else 'OpenAI-compatible'} API) on http://{host}:{port}", flush=True)
+    print(f"serving {model} ({'legacy' if legacy else 'OpenAI-compatible'} API) on http://{host}:{port}"
+          f" (playground: http://{host}:{port}/playground)", flush=True)
     web.run_app(make_app(state), host=host, port=port, print=None, handler_cancellation=True, access_log=None)
     return None

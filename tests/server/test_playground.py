@@ -64,6 +64,11 @@ def test_tokens_stream_with_logprobs_and_the_variable_run_sync_gives(new_server)
     assert [d["variable"] for d in of_kind(events, "variable_end")] == ["ANSWER"]
 
 
+def test_the_legacy_server_runs_queries_too(legacy_server):
+    events = read_events(post_query(legacy_server, {"query": CHOICE_QUERY}))
+    assert of_kind(events, "result")[0]["variables"] == lmql_backends.run_sync(CHOICE_QUERY).variables
+
+
 def test_a_mask_shows_how_many_tokens_it_allowed_and_the_best_token_it_removed(new_server):
     events = read_events(post_query(new_server, {"query": CHOICE_QUERY, "top_k": 20}))
     token = of_kind(events, "token")[0]
