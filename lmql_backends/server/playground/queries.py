@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import re
 import time
 from typing import Any
 
@@ -124,12 +125,34 @@ def finite(value: float) -> float | None:
     return value if value > float("-inf") else None
 
 
-def error_json(exc: BaseException) -> dict:
-    """A readable error: message, type, HTTP-like status, and the query line when known."""
+def error_json(exc: BaseException, text: str) -> dict:
+    """A readable error: message, type, HTTP-like status, and the line of query `text` it is about."""
     status, _, _ = classify(exc)
-    line = getattr(exc, "line", None) if isinstance(exc, QuerySyntaxError) else None
-    return {"message": error_message(exc), "type": type(exc).__name__, "status": status,
-            "line": line, "column": getattr(exc, "column", None) if line else None}
+    line, column = error_position(exc, text)
+    return {"message": error_message(exc), "type": type(exc).__name__, "status": status, "line": line, "column": column}
+
+
+def error_position(exc: BaseException, text: str) -> tuple[int | None, int | None]:
+    """(line, column), 1-based, of what `exc` is about in `text`: a syntax error's own position; for an
+    undefined name in an expression, where the name first stands; for a where clause, its keyword."""
+    if isinstance(exc, QuerySyntaxError):
+        return exc.line, exc.column
+    cause = exc.__cause__
+    if isinstance(cause, NameError) and getattr(cause, "name", None):
+        found = first_match(rf"\b{re.escape(cause.name)}\b", text)
+        if found != (None, None):
+            return found
+    if "where clause" in str(exc):
+        return first_match(r"\bwhere\b", text)
+    return None, None
+
+
+def first_match(pattern: str, text: str) -> tuple[int | None, int | None]:
+    for number, line in enumerate(text.splitlines(), 1):
+        match = re.search(pattern, line)
+        if match:
+            return number, match.start() + 1
+    return None, None
 
 
 def refusal(exc: BaseException) -> web.Response:
@@ -208,7 +231,7 @@ async def run_query(query: QueryRequest, client: ObservedClient, events: asyncio
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        events.put_nowait(("error", error_json(exc)))
+        events.put_nowait(("error", error_json(exc, query.text)))
     finally:
         events.put_nowait(None)
 
