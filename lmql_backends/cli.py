@@ -55,6 +55,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--loader", choices=LOADERS, default=None, help="transformers (default), awq or gptq")
     serve.add_argument("--tokenizer", default=None, help="load the tokenizer from here instead")
     serve.add_argument("--served-model-name", action="append", default=[], help="extra name(s) to answer to")
+    serve.add_argument("--playground", action="store_true",
+                       help="let the playground run queries (Python) on a non-loopback --host; on by default on loopback")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or LMQL_BACKENDS_API_KEY)")
     serve.add_argument("--cache-tokens", type=int, default=32768, help="prefix KV cache size in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
@@ -150,6 +152,7 @@ def serve_model(args, extra: list[str]) -> None:
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
         drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process,
         chat_template=args.chat_template, trust_request_chat_template=args.trust_request_chat_template,
+        playground=args.playground,
         cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )

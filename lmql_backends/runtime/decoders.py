@@ -274,6 +274,9 @@ async def generate_variable(session: QuerySession, constraints: VariableConstrai
     progress = Progress()
     while not progress.is_finished:
         progress = await generate_chunk(session, constraints, ids, progress, sampling, stream)
+    variable_ended = getattr(session.client, "variable_ended", None)  # observers learn why (client/observed.py)
+    if variable_ended is not None:
+        variable_ended(constraints.variable, progress.finish_reason)
     return progress
 
 

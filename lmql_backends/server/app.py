@@ -26,6 +26,7 @@ from . import lmtp
 from .legacy import routes as legacy_routes
 from .openai import api as openai_api
 from .openai import chat as openai_chat
+from .playground import routes as playground
 from .state import API_KEY_ENV, METRICS_SOURCES, STATE, ServerConfig, ServerState, get_state
 
 log = logging.getLogger("lmql_backends.server")
@@ -38,7 +39,7 @@ ENGINE_READY_SECONDS = 120
 def make_app(state: ServerState) -> web.Application:
     """The aiohttp application for `state`: shared endpoints plus one API's routes."""
     app = web.Application(
-        client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, auth_middleware]
+        client_max_size=state.config.max_body_bytes, middlewares=[error_middleware, playground.redirect_browsers, auth_middleware]
     )
     app[STATE] = state
     app[METRICS_SOURCES] = [state.engine.stats]
@@ -49,6 +50,7 @@ def make_app(state: ServerState) -> web.Application:
         protocol.add_routes(app)
     if not state.config.legacy:
         lmtp.add_routes(app, state)  # LMQL 0.7.x's client: a WebSocket at /
+    playground.add_routes(app, state.config.host, state.config.playground)
     app.on_shutdown.append(stop_engine)
     return app
 
@@ -171,7 +173,8 @@ def serve(
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
     drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
-    chat_template: str | None = None, trust_request_chat_template: bool = False, **load_kwargs,
+    chat_template: str | None = None, trust_request_chat_template: bool = False, playground: bool = False,
+    **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
@@ -184,7 +187,9 @@ def serve(
     with the HTTP work (False); by default a process for the new API and a thread for the legacy
     API, whose clients wait for one round trip per token. ``chat_template``: the Jinja chat template of
     ``/v1/chat/completions`` (a file path or the template text) for a model whose tokenizer has none
-    or a wrong one; ``trust_request_chat_template=True`` lets requests send their own. Other keywords are
+    or a wrong one; ``trust_request_chat_template=True`` lets requests send their own.
+    ``playground=True`` lets the playground (``/playground``, ``POST /v1/queries``) run queries,
+    which run Python, on a non-loopback `host` (on loopback it always may). Other keywords are
     load options (``cuda``,
     ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
@@ -192,11 +197,12 @@ def serve(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
         engine_process=engine_process, chat_template=read_chat_template(chat_template, legacy),
-        trust_request_chat_template=trust_request_chat_template,
+        trust_request_chat_template=trust_request_chat_template, playground=playground,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:
         return ServerHandle(state).start()
-    print(f"serving {model} ({'legacy' if legacy else 'OpenAI-compatible'} API) on http://{host}:{port}", flush=True)
+    print(f"serving {model} ({'legacy' if legacy else 'OpenAI-compatible'} API) on http://{host}:{port}"
+          f" (playground: http://{host}:{port}/playground)", flush=True)
     web.run_app(make_app(state), host=host, port=port, print=None, handler_cancellation=True, access_log=None)
     return None

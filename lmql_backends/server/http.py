@@ -23,6 +23,8 @@ log = logging.getLogger("lmql_backends.server")
 OPEN_PATHS = frozenset({"/health"})
 #: paths where the key may also come as ``?api_key=KEY``: the LMTP WebSocket (LMQL's client sends no header)
 QUERY_KEY_PATHS = frozenset({"/"})
+#: the playground page and its files (a navigating browser sends no key; the page sends it with queries)
+OPEN_PREFIXES = ("/playground/", )
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -112,7 +114,7 @@ async def error_middleware(request: web.Request, handler):
 async def auth_middleware(request: web.Request, handler):
     """Every path but /health needs ``Authorization: Bearer <key>`` when the server has a key."""
     expected = get_state(request).config.api_key
-    is_open = not expected or request.path in OPEN_PATHS
+    is_open = not expected or request.path in OPEN_PATHS or is_page(request.path)
     if not is_open and not is_authorized(request.headers.get("Authorization", ""), expected) \
             and not is_query_key_valid(request, expected):
         exc = AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
@@ -125,6 +127,10 @@ def is_query_key_valid(request: web.Request, expected: str) -> bool:
     sent = request.query.get("api_key", "")
     return request.path in QUERY_KEY_PATHS and hmac.compare_digest(sent.encode("utf-8", "surrogateescape"),
                                                                     expected.encode())
+
+
+def is_page(path: str) -> bool:
+    return path == "/playground" or path.startswith(OPEN_PREFIXES)
 
 
 def is_authorized(header: str, expected: str) -> bool:

@@ -39,6 +39,8 @@ class ServerConfig:
     chat_template: str | None = None
     #: take a request's own chat_template (Jinja that runs in the server; off by default, as in vLLM)
     trust_request_chat_template: bool = False
+    #: run playground queries (Python) even when the server binds a non-loopback address
+    playground: bool = False
 
     @property
     def is_engine_process(self) -> bool:
