@@ -68,6 +68,15 @@ def add_serve_parser(commands) -> None:
                             "oneDNN per layer and batch size, timed at start), blas or onednn")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                        help="largest request body accepted; larger ones get 413 (default 8 MiB)")
+    serve.add_argument("--max-logprobs", type=int, default=20,
+                       help="most alternatives a completion may ask for with logprobs (-1: the whole vocabulary)")
+    serve.add_argument("--upstream", default=None, metavar="URL",
+                       help="forward generation to this OpenAI-compatible server (vLLM, another serve-model) "
+                            "instead of loading MODEL here; MODEL names the tokenizer (see docs/vllm.md)")
+    serve.add_argument("--upstream-model", default=None,
+                       help="the upstream's name of the model (default: MODEL if it serves it, else its only model)")
+    serve.add_argument("--upstream-api-key", default=None,
+                       help="the upstream's API key (or LMQL_BACKENDS_UPSTREAM_API_KEY)")
     serve.add_argument("--drain-seconds", type=float, default=5.0,
                        help="on SIGINT/SIGTERM, let running requests finish this long before cancelling (default 5)")
 
@@ -142,10 +151,20 @@ def serve_model(args, extra: list[str]) -> None:
     )
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
+        upstream=make_upstream_config(args), max_logprobs=args.max_logprobs,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
         drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process, cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
+
+
+def make_upstream_config(args):
+    """The --upstream settings (None without --upstream)."""
+    from .engine.upstream import API_KEY_ENV, UpstreamConfig
+
+    if args.upstream is None:
+        return None
+    return UpstreamConfig(args.upstream, args.upstream_model, args.upstream_api_key or os.environ.get(API_KEY_ENV))
 
 
 def run_query(args) -> None:

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..engine import Engine, EngineConfig
 from ..engine.process import EngineProcess
+from ..engine.upstream import UpstreamConfig, UpstreamEngine
 from ..loader import LoadOptions, describe, load_model
 from .http import auth_middleware, error_middleware
 from .legacy import routes as legacy_routes
@@ -78,7 +79,12 @@ async def stop_engine(app: web.Application) -> None:
 
 
 def make_state(model: str, config: ServerConfig, options: LoadOptions) -> ServerState:
-    """Load the model and start its engine (in its own process or in a thread), ready before the port opens."""
+    """Load the model and start its engine (in its own process, in a thread, or on the upstream), ready
+    before the port opens."""
+    if config.upstream is not None:
+        engine = UpstreamEngine(model, config.upstream, options, config.engine, needs_full_distribution=config.legacy)
+        print(engine.description, flush=True)
+        return ServerState(model, engine.loaded, engine, config)
     if config.is_engine_process:
         engine = EngineProcess(model, options, config.engine)
         loaded = engine.wait_loaded()
@@ -152,7 +158,7 @@ def serve(
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
     drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
-    **load_kwargs,
+    upstream: str | UpstreamConfig | None = None, max_logprobs: int = ServerConfig.max_logprobs, **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
@@ -163,13 +169,17 @@ def serve(
     lookahead (computing the likeliest next forward while the client chooses). ``engine_process``:
     run the engine in a process of its own (True) or in a thread of this process, sharing its GIL
     with the HTTP work (False); by default a process for the new API and a thread for the legacy
-    API, whose clients wait for one round trip per token. Other keywords are load options (``cuda``,
+    API, whose clients wait for one round trip per token. ``upstream``: the URL (or an `UpstreamConfig`)
+    of an OpenAI-compatible server (vLLM, another serve-model) that runs the model instead; only the
+    tokenizer is loaded here (see docs/vllm.md). ``max_logprobs``: the most alternatives a completion
+    may ask for (-1: the whole vocabulary). Other keywords are load options (``cuda``,
     ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
-        engine_process=engine_process,
+        engine_process=engine_process, upstream=UpstreamConfig(upstream) if isinstance(upstream, str) else upstream,
+        max_logprobs=max_logprobs,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

@@ -24,7 +24,6 @@ from ..validation import is_id_list, is_int, is_number, is_valid_unicode, json_t
 DEFAULT_MAX_TOKENS = 16
 MAX_MAX_TOKENS = 2**31
 MAX_N = 16
-MAX_LOGPROBS = 20
 MAX_STOPS = 4
 MAX_TEMPERATURE = 2.0
 MAX_BIAS = 100.0
@@ -70,7 +69,7 @@ class CompletionRequest:
             n=n,
             seed=read_int(body, "seed", None, *SEED_RANGE),
             stop=read_stop(body),
-            logprobs=read_int(body, "logprobs", None, 0, MAX_LOGPROBS),
+            logprobs=read_int(body, "logprobs", None, 0, state.config.logprobs_limit(vocab_size)),
             logit_bias=read_logit_bias(body, vocab_size),
             echo=echo,
             stream=read_bool(body, "stream", False),
