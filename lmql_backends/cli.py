@@ -99,6 +99,10 @@ def add_conformance_parser(commands) -> None:
                              help="model every query runs on, overriding its from clause (default builtin:tiny)")
     conformance.add_argument("--endpoint", default=None, help="HOST:PORT of a running new-API server of MODEL")
     conformance.add_argument("--legacy-endpoint", default=None, help="HOST:PORT of a running legacy server of MODEL")
+    conformance.add_argument("--foreign", action=argparse.BooleanOptionalAction, default=None,
+                             help="the --endpoint server is not lmql-backends (e.g. vLLM, or a serve-model --upstream "
+                                  "front of vLLM): its seeded-sampling differences are expected (default: detected "
+                                  "from its /v1/models owned_by)")
 
 
 def add_migrate_parser(commands) -> None:
@@ -114,7 +118,7 @@ def add_migrate_parser(commands) -> None:
 def run_conformance(args) -> int:
     from .conformance import ConformanceOptions, run_command
 
-    options = ConformanceOptions(args.model, args.endpoint, args.legacy_endpoint, tuple(args.files))
+    options = ConformanceOptions(args.model, args.endpoint, args.legacy_endpoint, tuple(args.files), args.foreign)
     return run_command(options)
 
 

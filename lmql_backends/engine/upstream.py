@@ -288,7 +288,7 @@ class UpstreamEngine(OutputStreams):
         async with self._post("/v1/completions", completion_body(request, self.info, self.loaded)) as response:
             if response.status != 200:
                 raise upstream_error(response.status, await read_json(response), response.headers, self._where)
-            async for event in sse_events(response.content):
+            async for event in sse_events(response.content.iter_any()):
                 if "error" in event:  # after the first bytes (a 200): the upstream failed while running it
                     raise upstream_error(stream_error_status(event), event, {}, self._where)
                 if reader.on_chunk(event):
@@ -582,10 +582,11 @@ def distribution_of(top: tuple[tuple[int, float], ...], vocab_size: int) -> torc
 # ---- reading answers -----------------------------------------------------------------------
 
 
-async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[dict]:
-    """The JSON data of each server-sent event, up to ``[DONE]`` (events of any size)."""
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
+    """The JSON data of each server-sent event in a body read in `chunks`, up to ``[DONE]``
+    (events of any size, split anywhere)."""
     buffer = b""
-    async for data in content.iter_any():
+    async for data in chunks:
         buffer += data
         *events, buffer = re.split(rb"\r?\n\r?\n", buffer)
         for event in events:
@@ -663,15 +664,14 @@ def parse_retry_after(value: str | None) -> float:
 def choose_model(entries: list[dict], configured: str | None, model: str, where: str) -> dict:
     """The /v1/models entry to send requests to: the configured name, else MODEL, else the only one."""
     names = [e["id"] for e in entries]
-    for wanted in filter(None, (configured, model)):
-        for entry in entries:
-            if entry["id"] == wanted:
-                return entry
+    wanted = configured or model
+    if wanted in names:
+        return entries[names.index(wanted)]
     if configured is None and len(entries) == 1:
         return entries[0]
     listed = ", ".join(map(repr, names)) or "none"
     raise UpstreamError(
-        f"the upstream {where} does not serve {configured or model!r} (it serves {listed}); "
+        f"the upstream {where} does not serve {wanted!r} (it serves {listed}); "
         f"name its model with --upstream-model"
     )
 
