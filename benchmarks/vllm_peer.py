@@ -9,15 +9,15 @@ Steps (about 5 minutes to install the first time, then about 10 minutes on 2 cor
 2. for each model (the embedded one and the GPT-2-small shape, see common.py), vLLM's OpenAI server
    (``python -m vllm.entrypoints.openai.api_server --model DIR --dtype float32 --max-model-len 1024
    --logprobs-mode processed_logprobs``, ``VLLM_CPU_KVCACHE_SPACE=2``), then ours
-   (``serve-model DIR``), one after the other on a free loopback port, never both at once;
-3. each server gets the same raw streamed ``/v1/completions`` requests (common.stream_completion:
-   greedy, ``ignore_eos``, token-id prompts different for every repetition, so no prefix cache
-   helps): 1, 8 and 16 streams of 64 tokens after 16 prompt tokens at once (aggregate tokens/s),
-   and one 860-token prompt + 32 tokens (seconds to the last token).
+   (``serve-model DIR``), each on a free loopback port;
+3. both get the same raw streamed ``/v1/completions`` requests (common.stream_completion: greedy,
+   ``ignore_eos``, token-id prompts new in every repetition, so no prefix cache helps), round by
+   round in turn, so that load from other processes hits both sides (an idle server of either
+   kind takes no CPU time): 1, 8 and 16 streams of 64 tokens after 16 prompt tokens at once
+   (aggregate tokens/s), and one 860-token prompt + 32 tokens (seconds to the last token).
 
 Rows: ours / vLLM for tokens/s, vLLM / ours for the long prompt's seconds, so > 1 means ours is
-faster. Target: >= 1.3 on every row of the GPT-2-small shape. The servers run in turn, not
-alternately, so a busy phase of a shared machine can favour either side: read the load averages.
+faster (medians of the repetitions). Target: >= 1.3 on every row of the GPT-2-small shape.
 
     python benchmarks/vllm_peer.py [--quick] [--model tiny|gpt2-small|all] [--venv DIR]
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -99,35 +100,58 @@ class VllmServer(ServerProcess):
         return {**server_env(), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
 
 
-# ---- measuring one server ----------------------------------------------------------------------------
+# ---- measuring both servers ---------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ServerResult:
-    """Medians over repetitions: aggregate tokens/s per number of streams, and the long prompt's seconds."""
+    """Per repetition: aggregate tokens/s per number of streams, and the long prompt's seconds."""
 
-    tokens_per_second: dict[int, float]
-    long_prompt_seconds: float
+    rates: dict[int, list[float]] = dataclasses.field(default_factory=lambda: {n: [] for n in STREAM_COUNTS})
+    long_prompt: list[float] = dataclasses.field(default_factory=list)
+
+    def tokens_per_second(self, num_streams: int) -> float:
+        return median(self.rates[num_streams])
+
+    @property
+    def long_prompt_seconds(self) -> float:
+        return median(self.long_prompt)
 
 
-async def measure_server(server: ServerProcess, served_name: str, tokenizer, settings: Settings) -> ServerResult:
+class Side:
+    """One server under test, with the requests it gets."""
+
+    def __init__(self, server: ServerProcess, served_name: str, session):
+        self.server, self.served_name, self.session = server, served_name, session
+        self.result = ServerResult()
+
+    def stream(self, prompt: list[int], max_tokens: int):
+        return stream_completion(self.session, self.server.base_url, self.served_name, prompt, max_tokens)
+
+    async def streams_round(self, prompts: list[list[int]], max_tokens: int) -> None:
+        start = time.perf_counter()
+        timings = await asyncio.gather(*(self.stream(p, max_tokens) for p in prompts))
+        self.result.rates[len(prompts)].append(sum(t.num_tokens for t in timings) / (time.perf_counter() - start))
+
+    async def long_prompt_round(self, prompt: list[int]) -> None:
+        self.result.long_prompt.append((await self.stream(prompt, LONG_PROMPT_NEW_TOKENS)).token_times[-1])
+
+
+async def measure_sides(servers: list[ServerProcess], served_name: str, tokenizer, settings: Settings) -> list[ServerResult]:
+    """Every round on each server in turn (the same prompts, new ones for every repetition)."""
     num_tokens = settings.pick(64, 16)
     async with make_http_session() as session:
-        def stream(prompt: list[int], max_tokens: int):
-            return stream_completion(session, server.base_url, served_name, prompt, max_tokens)
-
-        await asyncio.gather(*(stream(make_prompt_ids(tokenizer, PROMPT_TOKENS, 9000 + i), 8) for i in range(2)))
-        rates: dict[int, list[float]] = {n: [] for n in STREAM_COUNTS}
-        long_seconds: list[float] = []
+        sides = [Side(server, served_name, session) for server in servers]
+        for side in sides:  # warm up
+            await side.streams_round([make_prompt_ids(tokenizer, PROMPT_TOKENS, 9000 + i) for i in range(8)], 8)
+            side.result = ServerResult()
         for rep in range(settings.repetitions):
             for n in STREAM_COUNTS:
                 prompts = [make_prompt_ids(tokenizer, PROMPT_TOKENS, 100 * rep + 17 * n + i) for i in range(n)]
-                start = time.perf_counter()
-                timings = await asyncio.gather(*(stream(p, num_tokens) for p in prompts))
-                rates[n].append(sum(t.num_tokens for t in timings) / (time.perf_counter() - start))
-            long_prompt = make_prompt_ids(tokenizer, LONG_PROMPT_TOKENS, 7000 + rep)
-            timing = await stream(long_prompt, LONG_PROMPT_NEW_TOKENS)
-            long_seconds.append(timing.token_times[-1])
-    return ServerResult({n: median(v) for n, v in rates.items()}, median(long_seconds))
+                for side in sides:
+                    await side.streams_round(prompts, num_tokens)
+            for side in sides:
+                await side.long_prompt_round(make_prompt_ids(tokenizer, LONG_PROMPT_TOKENS, 7000 + rep))
+    return [side.result for side in sides]
 
 
 def model_dir_of(model: BenchModel) -> str:
@@ -136,15 +160,17 @@ def model_dir_of(model: BenchModel) -> str:
 
 
 def measure_both(python: Path, model: BenchModel, settings: Settings) -> tuple[ServerResult, ServerResult]:
-    """vLLM's result, then ours, on the same model directory (one server running at a time)."""
+    """vLLM's result and ours on the same model directory, both servers up, measured alternately
+    (an idle vLLM or serve-model takes no CPU time from the other)."""
     model_dir, tokenizer = model_dir_of(model), load_tokenizer_of(model)
-    results = []
-    for name, server in (("vLLM", VllmServer(python, model_dir)), ("serve-model", ServerProcess(model_dir))):
-        print(f"{model.label}: starting {name} on {server.endpoint}", flush=True)
-        with server:
-            print(describe_load(f"before measuring ({model.label})"), flush=True)
-            results.append(asyncio.run(measure_server(server, model_dir, tokenizer, settings)))
-    return results[0], results[1]
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for name, server in (("vLLM", VllmServer(python, model_dir)), ("serve-model", ServerProcess(model_dir))):
+            print(f"{model.label}: starting {name} on {server.endpoint}", flush=True)
+            servers.append(stack.enter_context(server))
+        print(describe_load(f"before measuring ({model.label})"), flush=True)
+        theirs, ours = asyncio.run(measure_sides(servers, model_dir, tokenizer, settings))
+    return theirs, ours
 
 
 def make_figures(model: BenchModel, theirs: ServerResult, ours: ServerResult, settings: Settings) -> list[Figure]:
@@ -152,8 +178,8 @@ def make_figures(model: BenchModel, theirs: ServerResult, ours: ServerResult, se
     num_tokens = settings.pick(64, 16)
     figures = [
         Figure(BENCHMARK, model.label, f"{n} stream{'s' if n > 1 else ''}: ours / vLLM, tokens/s",
-               ours.tokens_per_second[n] / theirs.tokens_per_second[n],
-               f"{ours.tokens_per_second[n]:.1f} vs {theirs.tokens_per_second[n]:.1f} tokens/s "
+               ours.tokens_per_second(n) / theirs.tokens_per_second(n),
+               f"{ours.tokens_per_second(n):.1f} vs {theirs.tokens_per_second(n):.1f} tokens/s "
                f"({n} x {num_tokens} tokens after {PROMPT_TOKENS})", target)
         for n in STREAM_COUNTS
     ]

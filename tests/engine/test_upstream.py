@@ -444,3 +444,32 @@ async def test_server_sent_events_of_any_size_and_split_anywhere():
 
     for size in (1, 7, 9999, len(raw)):
         assert [e async for e in sse_events(chunks(size))] == events
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+def test_serve_model_names_an_unreachable_upstream_and_exits_2(unused_port):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "lmql_backends.cli", "serve-model", MODEL, "--port", "0",
+               "--upstream", f"127.0.0.1:{unused_port}/v1"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"error: cannot reach the upstream at http://127.0.0.1:{unused_port} " in out.stderr
+
+
+@pytest.mark.parametrize("value", [-2, 1.5, True, "20"])
+def test_max_logprobs_is_an_integer_or_minus_one(value):
+    from lmql_backends.server.app import ServerConfig
+
+    with pytest.raises(errors.InvalidRequestError, match="max_logprobs"):
+        ServerConfig(max_logprobs=value)
+
+
+def test_an_upstream_url_is_normalised_and_must_be_given():
+    assert UpstreamConfig("host:8000/v1/").base_url == "http://host:8000"
+    assert UpstreamConfig("https://h.example/v1").base_url == "https://h.example"
+    with pytest.raises(errors.InvalidRequestError, match="http://host:8000"):
+        UpstreamConfig(" ")
