@@ -221,9 +221,10 @@ class UpstreamEngine(OutputStreams):
                 f"this request needs the full next-token distribution, which the upstream "
                 f"{self.upstream.base_url} does not give: {self.info.no_full_distribution}", "upstream"
             )
-        if request.max_tokens != 0:
+        if request.max_tokens != 0 or request.processors:
             raise InvalidRequestError(
-                "over an upstream, a request for the next-token logits cannot also generate; send max_tokens=0",
+                "over an upstream, a request for the raw next-token logits can neither generate nor carry a mask "
+                "or bias (the upstream would report the processed distribution); send max_tokens=0 and no processors",
                 "max_tokens",
             )
 

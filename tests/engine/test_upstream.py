@@ -428,6 +428,16 @@ def test_a_processor_the_upstream_cannot_run_is_refused_by_name(front):
         front.state.engine.validate(request)
 
 
+def test_raw_logits_over_an_upstream_are_refused_with_generation_or_a_mask(front):
+    mask = make_mask_processor(torch.ones(VOCAB_SIZE, dtype=torch.bool))
+    for request in (Request([1, 2], max_tokens=1, return_logits=True), Request([1, 2], return_logits=True, processors=(mask,))):
+        with pytest.raises(errors.InvalidRequestError, match="max_tokens=0 and no processors"):
+            front.state.engine.validate(request)
+    outputs = list(front.state.engine.stream_sync(Request([1, 2], return_logits=True), timeout=60))
+    assert len(outputs) == 1 and outputs[0].logits.shape == (VOCAB_SIZE,)
+    assert float(torch.logsumexp(outputs[0].logits, 0)) == pytest.approx(0.0, abs=1e-4)  # log-probabilities
+
+
 def test_alternatives_come_most_likely_first_in_the_upstreams_order_of_ties():
     assert top_entries({"token_id:3": -2.0, "token_id:1": -0.5, "token_id:2": -2.0}) == ((1, -0.5), (3, -2.0), (2, -2.0))
     with pytest.raises(errors.UpstreamError, match="return_tokens_as_token_ids"):
