@@ -472,7 +472,7 @@ def test_serve_model_names_an_unreachable_upstream_and_exits_2(unused_port):
 
 @pytest.mark.parametrize("value", [-2, 1.5, True, "20"])
 def test_max_logprobs_is_an_integer_or_minus_one(value):
-    from lmql_backends.server.app import ServerConfig
+    from lmql_backends.server.state import ServerConfig
 
     with pytest.raises(errors.InvalidRequestError, match="max_logprobs"):
         ServerConfig(max_logprobs=value)
