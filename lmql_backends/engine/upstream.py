@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import re
 import threading
-import time
 from typing import Any, AsyncIterator, Callable
 
 import aiohttp
@@ -43,7 +42,7 @@ from ..errors import (
 )
 from ..loader import LoadedModel, LoadOptions, context_length, load_config, load_tokenizer
 from .delivery import Mailboxes
-from .engine import STATS_WINDOW_SECONDS, EngineConfig, EngineStats, check_capacity, check_request
+from .engine import EngineConfig, EngineStats, TokenRate, check_capacity, check_request
 from .sampling import BiasProcessor, MaskProcessor, pad_mask
 from .sequence import ErrorOutput, Output, PromptOutput, Request, TokenOutput
 from .streams import OutputStreams
@@ -112,7 +111,7 @@ class UpstreamEngine(OutputStreams):
         self._num_pending = 0
         self._is_stopped = False
         self._counters = collections.Counter()
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._rate = TokenRate()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lmql-backends-upstream", daemon=True)
         self._thread.start()
@@ -230,11 +229,8 @@ class UpstreamEngine(OutputStreams):
 
     def stats(self) -> EngineStats:
         """What this front has done (the upstream's own statistics are at its /metrics)."""
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if t >= now - STATS_WINDOW_SECONDS]
-        span = (now - recent[0][0]) if len(recent) > 1 else 0.0
         return EngineStats(
-            tokens_per_second=sum(n for _, n in recent) / span if span > 0 else 0.0,
+            tokens_per_second=self._rate.per_second(),
             num_generated_tokens=self._counters["generated"], num_prompt_tokens=self._counters["prompt_tokens"],
             num_cached_prompt_tokens=0, num_steps=0, last_batch_size=0, num_running=len(self._consumers),
             num_waiting=0, cache_hit_rate=0.0, cache_tokens=0, num_failed_requests=self._counters["failed"],
@@ -242,11 +238,8 @@ class UpstreamEngine(OutputStreams):
         )
 
     def _count_generated(self) -> None:
-        now = time.monotonic()
         self._counters["generated"] += 1
-        self._recent.append((now, 1))
-        while self._recent and self._recent[0][0] < now - STATS_WINDOW_SECONDS:
-            self._recent.popleft()
+        self._rate.add(1)
 
     # ---- the engine's loop -----------------------------------------------------------
     def _start(self, request: Request) -> None:
