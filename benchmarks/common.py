@@ -368,12 +368,19 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def start(self) -> "ServerProcess":
-        """Start the server and wait until /health answers."""
+    def command(self) -> list[str]:
+        """The server's command line (a peer's server class gives its own)."""
         command = [sys.executable, "-m", "lmql_backends.cli", "serve-model", self.model,
                    "--host", LOOPBACK, "--port", str(self.port)] + (["--legacy"] if self.legacy else [])
-        command += list(self.extra_args)
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=server_env())
+        return command + list(self.extra_args)
+
+    def env(self) -> dict[str, str]:
+        return server_env()
+
+    def start(self) -> "ServerProcess":
+        """Start the server and wait until /health answers."""
+        command = self.command()
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env())
         deadline = time.monotonic() + SERVER_START_SECONDS
         while not self.is_healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -75,6 +75,15 @@ def add_serve_parser(commands) -> None:
                             "(or to replace its own)")
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="let /v1/chat/completions requests send their own chat_template (Jinja run by the server)")
+    serve.add_argument("--max-logprobs", type=int, default=20,
+                       help="most alternatives a completion may ask for with logprobs (-1: the whole vocabulary)")
+    serve.add_argument("--upstream", default=None, metavar="URL",
+                       help="forward generation to this OpenAI-compatible server (vLLM, another serve-model) "
+                            "instead of loading MODEL here; MODEL names the tokenizer (see docs/vllm.md)")
+    serve.add_argument("--upstream-model", default=None,
+                       help="the upstream's name of the model (default: MODEL if it serves it, else its only model)")
+    serve.add_argument("--upstream-api-key", default=None,
+                       help="the upstream's API key (or LMQL_BACKENDS_UPSTREAM_API_KEY)")
     serve.add_argument("--drain-seconds", type=float, default=5.0,
                        help="on SIGINT/SIGTERM, let running requests finish this long before cancelling (default 5)")
 
@@ -97,6 +106,10 @@ def add_conformance_parser(commands) -> None:
                              help="model every query runs on, overriding its from clause (default builtin:tiny)")
     conformance.add_argument("--endpoint", default=None, help="HOST:PORT of a running new-API server of MODEL")
     conformance.add_argument("--legacy-endpoint", default=None, help="HOST:PORT of a running legacy server of MODEL")
+    conformance.add_argument("--foreign", action=argparse.BooleanOptionalAction, default=None,
+                             help="the --endpoint server is not lmql-backends (e.g. vLLM, or a serve-model --upstream "
+                                  "front of vLLM): its seeded-sampling differences are expected (default: detected "
+                                  "from its /v1/models owned_by)")
 
 
 def add_migrate_parser(commands) -> None:
@@ -112,7 +125,7 @@ def add_migrate_parser(commands) -> None:
 def run_conformance(args) -> int:
     from .conformance import ConformanceOptions, run_command
 
-    options = ConformanceOptions(args.model, args.endpoint, args.legacy_endpoint, tuple(args.files))
+    options = ConformanceOptions(args.model, args.endpoint, args.legacy_endpoint, tuple(args.files), args.foreign)
     return run_command(options)
 
 
@@ -149,6 +162,7 @@ def serve_model(args, extra: list[str]) -> None:
     )
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
+        upstream=make_upstream_config(args), max_logprobs=args.max_logprobs,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
         drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process,
         chat_template=args.chat_template, trust_request_chat_template=args.trust_request_chat_template,
@@ -156,6 +170,15 @@ def serve_model(args, extra: list[str]) -> None:
         cuda=args.cuda,
         dtype=args.dtype, loader=args.loader, tokenizer=args.tokenizer, **parse_passthrough(extra),
     )
+
+
+def make_upstream_config(args):
+    """The --upstream settings (None without --upstream)."""
+    from .engine.upstream import API_KEY_ENV, UpstreamConfig
+
+    if args.upstream is None:
+        return None
+    return UpstreamConfig(args.upstream, args.upstream_model, args.upstream_api_key or os.environ.get(API_KEY_ENV))
 
 
 def run_query(args) -> None:

@@ -21,6 +21,11 @@ seed gets ``seed=DEFAULT_SEED`` here so that the backends can be compared.
 
 The query's ``from`` clause and its decoder's ``backend=`` argument are overridden: every case runs
 on the model given to the command, once per backend.
+
+Foreign servers (``--foreign``, or detected: the ``/v1/models`` entry is not ``owned_by``
+lmql-backends, e.g. vLLM): such a server draws sampled tokens with its own random generator, so
+the values of a ``sample`` query differ; those differences are reported as expected, and do not
+fail the run. Token log-probabilities are compared as on any server (see docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import pathlib
 import sys
 import time
 from typing import Any, Iterator, Sequence, TextIO
+
+import requests
 
 from .client.base import LMClient, TokenChoice
 from .engine.sampling import SamplingParams
@@ -431,12 +438,14 @@ def num_shared_logprobs(expected: dict, actual: dict) -> int:
 
 @dataclasses.dataclass
 class CaseReport:
-    """A case, what every backend gave, and the differences from the in-process reference."""
+    """A case, what every backend gave, and the differences from the in-process reference
+    (`expected`: those a foreign server is expected to show, see `is_expected_on_foreign`)."""
 
     case: ConformanceCase
     outcomes: dict[str, Outcome]
     differences: list[Difference]
     num_logprobs_compared: dict[str, int]
+    expected: list[Difference] = dataclasses.field(default_factory=list)
 
     @property
     def agrees(self) -> bool:
@@ -460,6 +469,15 @@ class ConformanceReport:
         return sum(len(c.differences) for c in self.cases)
 
     @property
+    def num_expected(self) -> int:
+        return sum(len(c.expected) for c in self.cases)
+
+    @property
+    def num_foreign_logprob_differences(self) -> int:
+        """Token-logprob differences in the cases where a foreign server showed expected ones too."""
+        return sum(1 for c in self.cases if c.expected for d in c.differences if d.variable == "token logprob")
+
+    @property
     def num_failed(self) -> int:
         return sum(1 for c in self.cases if c.failed_everywhere)
 
@@ -472,8 +490,9 @@ class ConformanceReport:
 
 
 async def run_case(case: ConformanceCase, targets: Sequence[BackendTarget], tokenizer,
-                   progress: "ProgressPrinter | None" = None) -> CaseReport:
-    """Run `case` on every target (the first is the reference) and compare."""
+                   progress: "ProgressPrinter | None" = None, foreign: frozenset[str] = frozenset()) -> CaseReport:
+    """Run `case` on every target (the first is the reference) and compare; differences of the
+    backends named in `foreign` that such a server is expected to show are kept apart."""
     outcomes: dict[str, Outcome] = {}
     for target in targets:
         outcomes[target.name] = await run_on_target(case, target)
@@ -484,17 +503,57 @@ async def run_case(case: ConformanceCase, targets: Sequence[BackendTarget], toke
     for target in targets[1:]:
         differences += compare_outcomes(reference, outcomes[target.name], tokenizer)
         compared[target.name] = num_shared_logprobs(reference.logprobs, outcomes[target.name].logprobs)
-    return CaseReport(case, outcomes, differences, compared)
+    expected = [d for d in differences if d.backend in foreign and is_expected_on_foreign(case, d)]
+    return CaseReport(case, outcomes, [d for d in differences if d not in expected], compared, expected)
+
+
+# ---- foreign servers (--foreign) ----------------------------------------------------------------------
+
+#: the ``owned_by`` of the models this project's servers serve; any other server is foreign
+OWN_SERVER = "lmql-backends"
+EXPECTED_ON_FOREIGN = (
+    "seeded sampling: a foreign server draws sampled tokens with its own random generator, "
+    "not seeded_uniform, so the values of a sample query differ"
+)
+RAW_LOGPROBS_HINT = (
+    "token logprobs differ from a foreign server: vLLM reports the unmasked distribution unless started "
+    "with --logprobs-mode processed_logprobs"
+)
+
+
+def is_expected_on_foreign(case: ConformanceCase, difference: Difference) -> bool:
+    """Whether a foreign server is expected to show `difference`: a value (not a token logprob)
+    of a query that samples."""
+    from .language.parser import parse_query
+    from .runtime.api import resolve_decoder
+
+    if difference.variable == "token logprob":
+        return False
+    try:
+        return resolve_decoder(parse_query(case.query), None, dict(case.inputs)).name == "sample"
+    except Exception:  # noqa: BLE001 - a query that does not parse fails on every backend alike
+        return False
+
+
+def is_foreign_server(endpoint: str, timeout: float = 10.0) -> bool:
+    """Whether the new-API server at `endpoint` is not lmql-backends (its /v1/models ``owned_by``)."""
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    try:
+        models = requests.get(f"{url.rstrip('/')}/v1/models", timeout=timeout).json().get("data") or []
+    except (requests.RequestException, ValueError, AttributeError):
+        return False  # the run itself then reports what is wrong with the server
+    return any(isinstance(m, dict) and m.get("owned_by", OWN_SERVER) != OWN_SERVER for m in models)
 
 
 async def run_conformance(cases: Sequence[ConformanceCase], targets: Sequence[BackendTarget], tokenizer,
-                          progress: "ProgressPrinter | None" = None) -> ConformanceReport:
-    """Run every case on every target, one after the other."""
+                          progress: "ProgressPrinter | None" = None,
+                          foreign: frozenset[str] = frozenset()) -> ConformanceReport:
+    """Run every case on every target, one after the other (`foreign`: see run_case)."""
     reports = []
     for number, case in enumerate(cases, 1):
         if progress is not None:
             progress.case_started(number, len(cases), case)
-        reports.append(await run_case(case, targets, tokenizer, progress))
+        reports.append(await run_case(case, targets, tokenizer, progress, foreign))
         if progress is not None:
             progress.case_done(reports[-1])
     return ConformanceReport(reports, tuple(t.name for t in targets))
@@ -529,7 +588,7 @@ def case_status(report: CaseReport) -> str:
         return f"DIFFER ({len(report.differences)})"
     if report.failed_everywhere:
         return "FAILED everywhere"
-    return "agree"
+    return f"differ as expected ({len(report.expected)})" if report.expected else "agree"
 
 
 def backend_cell(report: CaseReport, backend: str) -> str:
@@ -539,6 +598,9 @@ def backend_cell(report: CaseReport, backend: str) -> str:
     num = sum(1 for d in report.differences if d.backend == backend)
     if num:
         return f"DIFFER ({num})"
+    num_expected = sum(1 for d in report.expected if d.backend == backend)
+    if num_expected:
+        return f"expected ({num_expected})"
     return "same error" if outcome.is_error else f"agree ({report.num_logprobs_compared.get(backend, 0)} lp)"
 
 
@@ -556,11 +618,12 @@ def format_agreements(report: ConformanceReport) -> str:
     return format_table(rows)
 
 
-def format_differences(report: ConformanceReport) -> str:
-    """The table of differences: query, backend, result, variable, first differing token, both values."""
+def format_differences(report: ConformanceReport, is_expected: bool = False) -> str:
+    """The table of differences (or of the expected ones): query, backend, result, variable, first
+    differing token, both values."""
     rows = [["query", "backend", "result", "variable", "token", REFERENCE, "backend value"]]
     for case in report.cases:
-        for d in case.differences:
+        for d in (case.expected if is_expected else case.differences):
             rows.append([case.case.name, d.backend, "" if d.result is None else str(d.result), d.variable,
                          "" if d.position is None else str(d.position), d.expected, d.actual])
     return format_table(rows)
@@ -585,6 +648,11 @@ def format_report(report: ConformanceReport) -> str:
     if report.num_differences:
         parts += ["", "Differences (token: first differing token of the value, or option index, or "
                       "absolute position for token logprobs):", format_differences(report)]
+        if report.num_foreign_logprob_differences:
+            parts += [f"Hint: {RAW_LOGPROBS_HINT}"]
+    if report.num_expected:
+        parts += ["", f"Expected differences on a foreign server ({EXPECTED_ON_FOREIGN}):",
+                  format_differences(report, is_expected=True)]
     errors = format_errors(report)
     if errors:
         parts += ["", "Errors:", errors]
@@ -599,6 +667,10 @@ def summary_line(report: ConformanceReport) -> str:
         return f"{report.num_differences} difference(s) in {num_cases} of {total} queries"
     if report.num_failed:
         return f"no differences, but {report.num_failed} of {total} queries failed on every backend"
+    num_expected = sum(1 for c in report.cases if c.expected)
+    if num_expected:
+        return (f"{total - num_expected} of {total} queries agree on {', '.join(report.backends)}; "
+                f"{num_expected} differ as expected on a foreign server (seeded sampling)")
     return f"all {total} queries agree on {', '.join(report.backends)}"
 
 
@@ -632,6 +704,8 @@ class ConformanceOptions:
     endpoint: str | None = None
     legacy_endpoint: str | None = None
     files: tuple[str, ...] = ()
+    #: whether the new-API endpoint is a foreign server (vLLM); None: ask its /v1/models
+    foreign: bool | None = None
 
 
 @contextlib.contextmanager
@@ -664,6 +738,12 @@ def run_command(options: ConformanceOptions, out: TextIO | None = None, log: Tex
     with running_servers(options, log) as (new_endpoint, legacy_endpoint):
         log.write(f"new backend: {new_endpoint}  legacy backend: {legacy_endpoint}  model: {options.model}\n")
         targets = make_targets(options.model, new_endpoint, legacy_endpoint)
-        report = asyncio.run(run_conformance(cases, targets, tokenizer, ProgressPrinter(log)))
+        foreign = options.foreign if options.foreign is not None else (
+            options.endpoint is not None and is_foreign_server(new_endpoint))
+        if foreign:
+            log.write(f"the new backend {new_endpoint} is a foreign server: differences of sample queries are "
+                      f"expected (it draws with its own random generator)\n")
+        report = asyncio.run(run_conformance(
+            cases, targets, tokenizer, ProgressPrinter(log), frozenset({"new"}) if foreign else frozenset()))
     out.write(format_report(report) + "\n")
     return report.exit_code

@@ -16,7 +16,9 @@ Hierarchy::
     │   └── MissingExtraError         an optional package is missing; says which extra to install
     ├── ConstraintError               constraints cannot be satisfied (no allowed token)
     ├── EngineError                   the engine failed while running a request (HTTP 500)
-    │   └── RequestCancelledError     the request was aborted (client gone, shutdown)
+    │   ├── RequestCancelledError     the request was aborted (client gone, shutdown)
+    │   └── UpstreamError             the upstream server (serve-model --upstream) failed (HTTP 502); names it
+    │       └── UpstreamUnavailableError  the upstream cannot be reached or is stopping (HTTP 503)
     └── BackendError                  a client could not talk to a server
         ├── BackendUnavailableError   server down or unreachable; names the endpoint and how to start it
         ├── BackendTimeoutError       no answer within chunk_timeout
@@ -101,6 +103,14 @@ class EngineError(LmqlBackendsError):
 
 class RequestCancelledError(EngineError):
     """The request was aborted before it finished."""
+
+
+class UpstreamError(EngineError):
+    """The upstream a server forwards generation to (``serve-model --upstream``) failed; the message names its address."""
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """The upstream cannot be reached (or is stopping); the message names its address and what to check."""
 
 
 class BackendError(LmqlBackendsError):

@@ -120,6 +120,16 @@ def load_tokenizer(name: str, tokenizer: str | None = None):
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {exc}") from exc
 
 
+def load_config(name: str):
+    """The model config of `name`, read locally without the weights (None when it cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name))
+    except Exception:  # a model whose files are not here: callers fall back to what a server says
+        return None
+
+
 @functools.lru_cache(maxsize=64)
 def load_context_length(name: str) -> int | None:
     """The context length from a model's config, read locally (None when it cannot be read).
@@ -128,12 +138,8 @@ def load_context_length(name: str) -> int | None:
     files locally from the model string (for the tokenizer), so the config is there too.
     Read once per process and name (each query makes a new client; reading takes milliseconds).
     """
-    from transformers import AutoConfig
-
-    try:
-        return context_length(AutoConfig.from_pretrained(resolve_model_path(name)))
-    except Exception:  # a model only the server can load: decoders then rely on its 400
-        return None
+    config = load_config(name)
+    return None if config is None else context_length(config)  # None: decoders then rely on the server's 400
 
 
 def _load_uncached(name: str, options: LoadOptions) -> LoadedModel:

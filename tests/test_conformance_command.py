@@ -117,6 +117,30 @@ def test_sample_without_a_seed_is_pinned_and_the_backend_argument_replaced():
     assert (seeded.seed, seeded.backend) == (5, None)
 
 
+# ---- foreign servers (--foreign; the real one: tests/engine/test_upstream_vllm.py) --------------------
+
+def test_on_a_foreign_server_only_the_values_of_sample_queries_differ_as_expected(tokenizer):
+    from lmql_backends.conformance import CaseReport, Difference, format_report, is_expected_on_foreign
+
+    sampled, greedy = ConformanceCase("s", 'sample(seed=1) "a[X]"'), ConformanceCase("g", 'argmax "a[X]"')
+    value, logprob = Difference("new", 0, "X", 0, "'a'", "'b'"), Difference("new", None, "token logprob", 3, "-1", "-2")
+    assert is_expected_on_foreign(sampled, value)
+    assert not is_expected_on_foreign(sampled, logprob)  # the same call must score the same anywhere
+    assert not is_expected_on_foreign(greedy, value)
+    reference = {"in-process": outcome("in-process", view()), "new": outcome("new", view())}
+    expected_only = ConformanceReport([CaseReport(sampled, reference, [], {}, [value])], ("in-process", "new"))
+    assert expected_only.exit_code == 0
+    text = format_report(expected_only)
+    assert "Expected differences on a foreign server" in text and "expected (1)" in text
+    assert text.endswith("0 of 1 queries agree on in-process, new; 1 differ as expected on a foreign server (seeded sampling)")
+
+
+def test_a_server_is_foreign_when_its_models_are_not_owned_by_lmql_backends(new_server):
+    from lmql_backends.conformance import is_foreign_server
+
+    assert not is_foreign_server(new_server.endpoint)
+
+
 # ---- the command on real servers -----------------------------------------------------------------------
 
 def write_queries(folder) -> list[str]:

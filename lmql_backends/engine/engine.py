@@ -54,6 +54,25 @@ class EngineConfig:
             raise InvalidRequestError(f"num_threads must be an integer >= 1 or None, got {self.num_threads!r}", "num_threads")
 
 
+class TokenRate:
+    """Tokens per second over the last STATS_WINDOW_SECONDS (added on one thread, read on any)."""
+
+    def __init__(self):
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, num_tokens))
+        while self._recent and self._recent[0][0] < now - STATS_WINDOW_SECONDS:
+            self._recent.popleft()
+
+    def per_second(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if t >= now - STATS_WINDOW_SECONDS]
+        span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+        return sum(n for _, n in recent) / span if span > 0 else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     """A snapshot of what the engine is doing (served at /metrics)."""
@@ -94,7 +113,7 @@ class Engine(OutputStreams):
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._counters = collections.Counter()
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._rate = TokenRate()
         self._last_batch_size = 0
         self.num_threads: int | None = None  # set by the engine thread when it starts
         self._is_ready = threading.Event()  # set once the engine thread has tuned itself to the machine
@@ -354,19 +373,13 @@ class Engine(OutputStreams):
                 log.exception("could not deliver the error of request %s", seq.request.request_id)
 
     def _count_generated(self, n: int) -> None:
-        now = time.monotonic()
         self._counters["generated"] += n
-        self._recent.append((now, n))
-        while self._recent and self._recent[0][0] < now - STATS_WINDOW_SECONDS:
-            self._recent.popleft()
+        self._rate.add(n)
 
     # ---- observability ---------------------------------------------------------------
     def stats(self) -> EngineStats:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if t >= now - STATS_WINDOW_SECONDS]
-        span = (now - recent[0][0]) if len(recent) > 1 else 0.0
         return EngineStats(
-            tokens_per_second=sum(n for _, n in recent) / span if span > 0 else 0.0,
+            tokens_per_second=self._rate.per_second(),
             num_generated_tokens=self._counters["generated"],
             num_prompt_tokens=self._counters["prompt_tokens"],
             num_cached_prompt_tokens=self._counters["cached_tokens"],

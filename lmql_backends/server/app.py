@@ -19,6 +19,7 @@ from aiohttp import web
 from ..engine import Engine, EngineConfig
 from ..chat_template import load_chat_template
 from ..engine.process import EngineProcess
+from ..engine.upstream import UpstreamConfig, UpstreamEngine
 from ..errors import InvalidRequestError
 from ..loader import LoadOptions, describe, load_model
 from .http import auth_middleware, error_middleware
@@ -87,7 +88,12 @@ async def stop_engine(app: web.Application) -> None:
 
 
 def make_state(model: str, config: ServerConfig, options: LoadOptions) -> ServerState:
-    """Load the model and start its engine (in its own process or in a thread), ready before the port opens."""
+    """Load the model and start its engine (in its own process, in a thread, or on the upstream), ready
+    before the port opens."""
+    if config.upstream is not None:
+        engine = UpstreamEngine(model, config.upstream, options, config.engine, needs_full_distribution=config.legacy)
+        print(engine.description, flush=True)
+        return ServerState(model, engine.loaded, engine, config)
     if config.is_engine_process:
         engine = EngineProcess(model, options, config.engine)
         loaded = engine.wait_loaded()
@@ -174,7 +180,7 @@ def serve(
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
     drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
     chat_template: str | None = None, trust_request_chat_template: bool = False, playground: bool = False,
-    **load_kwargs,
+    upstream: str | UpstreamConfig | None = None, max_logprobs: int = ServerConfig.max_logprobs, **load_kwargs,
 ) -> ServerHandle | None:
     """Serve `model` over HTTP: the new API, or the legacy API with ``legacy=True``.
 
@@ -189,8 +195,11 @@ def serve(
     ``/v1/chat/completions`` (a file path or the template text) for a model whose tokenizer has none
     or a wrong one; ``trust_request_chat_template=True`` lets requests send their own.
     ``playground=True`` lets the playground (``/playground``, ``POST /v1/queries``) run queries,
-    which run Python, on a non-loopback `host` (on loopback it always may). Other keywords are
-    load options (``cuda``,
+    which run Python, on a non-loopback `host` (on loopback it always may). ``upstream``: the URL
+    (or an `UpstreamConfig`) of an OpenAI-compatible server (vLLM, another serve-model) that runs
+    the model instead; only the tokenizer is loaded here (see docs/vllm.md). ``max_logprobs``: the
+    most alternatives a completion may ask for (-1: the whole vocabulary). Other keywords are load
+    options (``cuda``,
     ``dtype``, ``loader``, ``tokenizer``, any ``from_pretrained`` argument).
     """
     config = ServerConfig(
@@ -198,6 +207,7 @@ def serve(
         max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
         engine_process=engine_process, chat_template=read_chat_template(chat_template, legacy),
         trust_request_chat_template=trust_request_chat_template, playground=playground,
+        upstream=UpstreamConfig(upstream) if isinstance(upstream, str) else upstream, max_logprobs=max_logprobs,
     )
     state = make_state(model, config, LoadOptions.make(**load_kwargs))
     if background:

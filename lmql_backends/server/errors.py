@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import (
     AuthenticationError, ConstraintError, ContextLengthError, EndpointNotFoundError, EngineError,
     InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, OverloadedError,
-    RequestCancelledError, RequestTooLargeError,
+    RequestCancelledError, RequestTooLargeError, UpstreamError, UpstreamUnavailableError,
 )
 
 
@@ -20,6 +20,8 @@ ERROR_TABLE = [
     (AuthenticationError, 401, "invalid_request_error", "invalid_api_key"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (OverloadedError, 429, "rate_limit_error", "queue_full"),
+    (UpstreamUnavailableError, 503, "server_error", "upstream_unavailable"),
+    (UpstreamError, 502, "server_error", "upstream_error"),
     (RequestCancelledError, 503, "server_error", "request_cancelled"),
     (EngineError, 500, "server_error", "engine_error"),
 ]

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from ..engine import Engine, EngineConfig
 from ..engine.process import EngineProcess
+from ..engine.upstream import UpstreamConfig, UpstreamEngine
 from ..errors import InvalidRequestError
 from ..loader import LoadedModel
 from .validation import is_positive_int
@@ -41,6 +42,10 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     #: run playground queries (Python) even when the server binds a non-loopback address
     playground: bool = False
+    #: forward generation to this OpenAI-compatible server instead of loading the model (--upstream)
+    upstream: UpstreamConfig | None = None
+    #: the most alternatives a completion may ask for with `logprobs` (-1: the whole vocabulary)
+    max_logprobs: int = 20
 
     @property
     def is_engine_process(self) -> bool:
@@ -55,6 +60,15 @@ class ServerConfig:
             raise InvalidRequestError(
                 f"drain_seconds must be a number of seconds >= 0, got {self.drain_seconds!r}", "drain_seconds"
             )
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
+            raise InvalidRequestError(
+                f"max_logprobs must be an integer >= 0, or -1 for the whole vocabulary, got {self.max_logprobs!r}",
+                "max_logprobs",
+            )
+
+    def logprobs_limit(self, vocab_size: int) -> int:
+        """The largest `logprobs` a completion may ask for on a model of `vocab_size` tokens."""
+        return vocab_size if self.max_logprobs == -1 else self.max_logprobs
 
 
 @dataclasses.dataclass
@@ -63,7 +77,7 @@ class ServerState:
 
     model_name: str
     loaded: LoadedModel
-    engine: Engine | EngineProcess
+    engine: Engine | EngineProcess | UpstreamEngine
     config: ServerConfig
 
     @property

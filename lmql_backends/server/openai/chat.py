@@ -22,12 +22,14 @@ from ..state import ServerState
 from ..validation import is_valid_unicode, json_type
 from .api import CompletionFormat, answer_completion
 from .completions import (
-    MAX_LOGPROBS, CompletionRequest, check_is_object, check_range, read_bool, read_int, read_optional_int,
+    CompletionRequest, check_is_object, check_range, read_bool, read_int, read_optional_int,
     read_shared_fields,
 )
 from .text import ChoiceBuilder, ChoiceDelta, decode_ids, finite, token_bytes
 
 #: the message roles a chat request may use; "developer" is OpenAI's newer name for "system"
+#: OpenAI's bound on top_logprobs in the chat format
+MAX_TOP_LOGPROBS = 20
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED_FIELDS = {
     "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
@@ -173,7 +175,7 @@ def check_chat_unsupported(body: dict) -> None:
 def read_chat_logprobs(body: dict) -> int | None:
     """How many top alternatives to report per token (None: no logprobs): logprobs=true, top_logprobs 0..20."""
     wants = read_bool(body, "logprobs", False)
-    top = read_int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    top = read_int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not wants:
         raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return (top or 0) if wants else None

@@ -24,7 +24,6 @@ from ..validation import is_id_list, is_int, is_number, is_valid_unicode, json_t
 DEFAULT_MAX_TOKENS = 16
 MAX_MAX_TOKENS = 2**31
 MAX_N = 16
-MAX_LOGPROBS = 20
 MAX_STOPS = 4
 MAX_TEMPERATURE = 2.0
 MAX_BIAS = 100.0
@@ -61,7 +60,7 @@ class CompletionRequest:
         return cls(
             prompts=read_prompts(body, state.loaded.tokenizer, state.loaded.vocab_size),
             max_tokens=read_max_tokens(body, echo),
-            logprobs=read_int(body, "logprobs", None, 0, MAX_LOGPROBS),
+            logprobs=read_int(body, "logprobs", None, 0, state.config.logprobs_limit(state.loaded.vocab_size)),
             echo=echo,
             **shared,
         )
