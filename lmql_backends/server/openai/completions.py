@@ -17,9 +17,9 @@ import torch
 
 from ...engine import Request, SamplingParams
 from ...engine.sampling import make_bias_processor, make_mask_processor
-from ...errors import InvalidRequestError, ModelNotFoundError
+from ...errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from ..state import ServerState
-from ..validation import is_id_list, is_int, is_number, is_valid_unicode, json_type
+from ..validation import first_outside_vocabulary, is_id_list, is_int, is_number, is_valid_unicode, json_type
 
 DEFAULT_MAX_TOKENS = 16
 MAX_MAX_TOKENS = 2**31
@@ -61,10 +61,13 @@ class CompletionRequest:
         echo = read_bool(body, "echo", False)
         n = read_int(body, "n", 1, 1, MAX_N)
         check_unsupported(body, n)
+        prompts = read_prompts(body, state.loaded.tokenizer, vocab_size)
+        max_tokens = read_max_tokens(body, echo)
+        check_fits_context(prompts, max_tokens, state.loaded.context_length)
         return cls(
             model=model,
-            prompts=read_prompts(body, state.loaded.tokenizer, vocab_size),
-            max_tokens=read_max_tokens(body, echo),
+            prompts=prompts,
+            max_tokens=max_tokens,
             temperature=read_float(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
             top_p=read_top_p(body),
             n=n,
@@ -326,10 +329,22 @@ def read_id_list(ids: list, vocab_size: int) -> tuple[int, ...]:
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> tuple[int, ...]:
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequestError(f"token id {bad[0]} in '{param}' is outside the vocabulary [0, {vocab_size})", param)
+    bad = first_outside_vocabulary(ids, vocab_size)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} in '{param}' is outside the vocabulary [0, {vocab_size})", param)
     return tuple(ids)
+
+
+def check_fits_context(prompts: tuple[tuple[int, ...], ...], max_tokens: int, context_length: int) -> None:
+    """Every prompt has a token, and room for max_tokens more within the model's context."""
+    for prompt in prompts:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; send at least one token", "prompt")
+        if len(prompt) + max_tokens > context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}, "
+                f"which exceeds the model's context length of {context_length} tokens", "max_tokens"
+            )
 
 
 # ---- engine requests -------------------------------------------------------------------
@@ -345,13 +360,13 @@ class ChoicePlan:
 
 
 def make_choice_plans(completion: CompletionRequest, state: ServerState) -> list[ChoicePlan]:
-    """One validated engine request per (prompt, choice); choice i samples with seed + i."""
+    """One engine request per (prompt, choice) of the validated `completion`; choice i samples with seed + i."""
     base_seed = completion.seed if completion.seed is not None else secrets.randbelow(2**63)
     processors = make_processors(completion, state.loaded.vocab_size)
     stop_ids = stop_token_ids(completion, state.loaded.eos_token_id)
     check_num_choices(completion, state.engine.config)
     return [
-        make_plan(index, prompt, make_request(completion, prompt, base_seed + i, processors, stop_ids), state.engine)
+        ChoicePlan(index, prompt, make_request(completion, prompt, base_seed + i, processors, stop_ids))
         for index, prompt, i in enumerate_choices(completion)
     ]
 
@@ -361,12 +376,6 @@ def enumerate_choices(completion: CompletionRequest) -> Iterator[tuple[int, tupl
     for p, prompt in enumerate(completion.prompts):
         for i in range(completion.n):
             yield p * completion.n + i, prompt, i
-
-
-def make_plan(index: int, prompt: tuple[int, ...], request: Request, engine) -> ChoicePlan:
-    """The plan of one choice, once the engine accepts its request."""
-    engine.validate(request)
-    return ChoicePlan(index, prompt, request)
 
 
 def make_request(completion: CompletionRequest, prompt: tuple[int, ...], seed: int, processors, stop_ids) -> Request:
