@@ -222,6 +222,17 @@ def test_unknown_action(legacy_server):
     )
 
 
+@pytest.mark.parametrize("body, echoed", [
+    ({"action": "\ud800", "sample_id": 1, "client_id": "c"}, "Unknown action: \\ud800"),
+    (forward_body("c", 1, [[0]], model="gpt\udfff2"), "not gpt\\udfff2."),
+])
+def test_errors_that_echo_text_utf8_cannot_encode_are_400_in_utf8(legacy_server, body, echoed):
+    """A lone surrogate (JSON "\\ud800") in a field an error echoes is escaped in the text, never a 500."""
+    response = post_queue(legacy_server, json.dumps(body))
+    assert response.status_code == 400 and response.headers["Content-Type"].startswith("text/plain")
+    assert response.content.decode("utf-8").endswith(echoed)
+
+
 @pytest.mark.parametrize("body", [
     b"{not json",
     b"[1, 2]",
