@@ -9,7 +9,7 @@ import torch
 
 from ..engine import Engine, EngineConfig, PromptOutput, Request, SamplingParams, TokenOutput
 from ..engine.engine import check_request
-from ..engine.sampling import make_mask_processor
+from ..sampling import make_mask_processor
 from ..loader import LoadedModel, LoadOptions, load_model
 from .base import LMClient, TokenChoice, check_top_k, restrict_to_tokenizer, top_choices
 

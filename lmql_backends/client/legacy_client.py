@@ -31,7 +31,7 @@ import numpy
 import orjson
 import torch
 
-from ..engine.sampling import SamplingParams, make_mask_processor, select_token
+from ..sampling import SamplingParams, make_mask_processor, select_token
 from ..legacy_frames import AFTER_FIELD, APPEND_HEADER, UNKNOWN_BASE_TEXT, decode_logits_frame, load_json
 from ..loader import load_context_length
 from ..errors import (

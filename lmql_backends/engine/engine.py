@@ -16,12 +16,13 @@ from typing import Callable
 
 import torch
 
-from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
+from ..errors import ConstraintError, ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
 from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
 from ..loader import MATMUL_CHOICES, MODEL_IMPLS, check_choice
 from .runner import ModelRunner, choose_num_threads
-from .sampling import Choice, apply_processors, choose_greedy_rows, select_token, top_logprobs
+from ..sampling import select_token, top_logprobs
+from .sampling import Choice, apply_processors, choose_greedy_rows
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
 from .streams import OutputStreams
@@ -422,8 +423,6 @@ def check_request(request: Request, vocab_size: int, context_length: int) -> Non
 
 
 def is_user_error(exc: Exception) -> bool:
-    from ..errors import ConstraintError
-
     return isinstance(exc, ConstraintError)
 
 

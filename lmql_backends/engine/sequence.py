@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .sampling import LogitsProcessor, SamplingParams
+from ..sampling import LogitsProcessor, SamplingParams
 
 _request_ids = itertools.count()
 

@@ -21,7 +21,7 @@ from lmql_backends.engine import (
 )
 from lmql_backends.engine import runner
 from lmql_backends.engine.engine import check_request
-from lmql_backends.engine.sampling import draw_token, seeded_uniform, top_p_filter
+from lmql_backends.sampling import draw_token, seeded_uniform, top_p_filter
 from lmql_backends.errors import ContextLengthError, EngineError, InvalidRequestError
 from lmql_backends.loader import load_model
 

@@ -12,7 +12,8 @@ import torch
 
 from lmql_backends.engine import Engine, EngineConfig, PromptOutput, Request, SamplingParams, TokenOutput
 from lmql_backends.engine.process import EngineProcess
-from lmql_backends.engine.sampling import make_bias_processor, make_mask_processor
+from lmql_backends.engine.sampling import make_bias_processor
+from lmql_backends.sampling import make_mask_processor
 from lmql_backends.errors import (
     EngineError, InvalidRequestError, ModelLoadError, OverloadedError, RequestCancelledError,
 )

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import torch
 
 from ...engine import Request, SamplingParams
-from ...engine.sampling import make_bias_processor, make_mask_processor
+from ...engine.sampling import make_bias_processor
+from ...sampling import make_mask_processor
 from ...errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from ..state import ServerState
 from ..validation import first_outside_vocabulary, is_id_list, is_int, is_number, is_valid_unicode, json_type
