@@ -16,7 +16,7 @@ backends and compares the results with the in-process run:
 
 Determinism: argmax and beam are deterministic; ``sample`` is made deterministic by its seed
 (sample ``i`` uses ``seed + i``, and the token at absolute position ``p`` is drawn with
-``engine.sampling.seeded_uniform(seed, p)`` on every backend). A ``sample`` decoder without a
+``sampling.seeded_uniform(seed, p)`` on every backend). A ``sample`` decoder without a
 seed gets ``seed=DEFAULT_SEED`` here so that the backends can be compared.
 
 The query's ``from`` clause and its decoder's ``backend=`` argument are overridden: every case runs
@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence, TextIO
 import requests
 
 from .client.base import LMClient, TokenChoice
-from .engine.sampling import SamplingParams
+from .sampling import SamplingParams
 from .errors import InvalidRequestError
 from .language.parser import file_inputs  # language: a query file's ``# inputs: {...}`` line
 from .runtime.models import LOCAL_PREFIX, ModelSpec, inprocess, make_client, model as make_model_spec

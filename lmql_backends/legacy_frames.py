@@ -26,7 +26,7 @@ AFTER_FIELD = "input_ids_after"
 UNKNOWN_BASE_TEXT = "input_ids_after names a sample this channel does not hold"
 #: digits enough for an integer beyond 64 bits (see load_json)
 NUM_LONG_DIGITS = 19
-#: every ASCII digit becomes "0", every other byte " " (a C-speed pass; a regex took 13x longer)
+#: every ASCII digit becomes "0", every other byte " " (one C-speed pass, where a regex would walk the text in Python-level steps)
 DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
 
 

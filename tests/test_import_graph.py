@@ -121,3 +121,16 @@ def test_the_command_keeps_an_openmp_policy_the_user_set(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_shared_sampling_module_imports_no_torch():
+    result = run_python("import sys, lmql_backends.sampling; assert 'torch' not in sys.modules, 'torch imported'")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_http_clients_do_not_import_the_engine():
+    result = run_python(
+        "import sys, lmql_backends.client.openai_client, lmql_backends.client.legacy_client; "
+        "engine = [m for m in sys.modules if m.startswith('lmql_backends.engine')]; assert not engine, engine"
+    )
+    assert result.returncode == 0, result.stderr

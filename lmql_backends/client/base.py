@@ -12,7 +12,7 @@ Conventions shared by all implementations:
   the model's next-token distribution restricted to the mask and renormalised, with the
   temperature applied for sampling;
 - seeded sampling draws the token at absolute position ``p = len(ids)`` with
-  ``engine.sampling.seeded_uniform(seed, p)`` (see engine/sampling.py), on every backend.
+  ``sampling.seeded_uniform(seed, p)`` (see lmql_backends/sampling.py), on every backend.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..engine.sampling import SamplingParams
+from ..errors import InvalidRequestError
+from ..sampling import SamplingParams, make_mask_processor, token_logprobs, top_logprobs
 
 MAX_TOP_TOKENS = 20
 
@@ -89,8 +90,6 @@ class LMClient(abc.ABC):
 
 def masked_logprobs(logits: torch.Tensor, mask: torch.Tensor | None, sampling: SamplingParams) -> torch.Tensor:
     """The distribution a token is chosen from, computed on the client from full logits."""
-    from ..engine.sampling import make_mask_processor, token_logprobs
-
     if mask is not None:
         logits = make_mask_processor(mask)((), logits)
     return token_logprobs(logits, sampling)
@@ -98,8 +97,6 @@ def masked_logprobs(logits: torch.Tensor, mask: torch.Tensor | None, sampling: S
 
 def top_choices(logits: torch.Tensor, mask: torch.Tensor | None, k: int, num_tokens: int) -> list[TokenChoice]:
     """The `k` most likely tokens of full next-token `logits` under `mask` (for clients that get logits)."""
-    from ..engine.sampling import top_logprobs
-
     mask = restrict_to_tokenizer(mask, num_tokens, logits.shape[-1])
     logprobs = masked_logprobs(logits, mask, SamplingParams())
     return [TokenChoice(t, lp) for t, lp in top_logprobs(logprobs, k) if lp > float("-inf")]
@@ -122,8 +119,6 @@ def make_base_url(endpoint: str, drop_suffix: str | None = None) -> str:
     `drop_suffix` (e.g. ``"/v1"``) is removed when the endpoint ends with it, so the base URLs
     OpenAI SDKs use work too.
     """
-    from ..errors import InvalidRequestError
-
     text = endpoint.strip().rstrip("/") if isinstance(endpoint, str) else ""
     if text and "://" not in text:
         text = "http://" + text
@@ -139,15 +134,11 @@ def make_base_url(endpoint: str, drop_suffix: str | None = None) -> str:
 
 def check_chunk_timeout(chunk_timeout: float) -> float:
     """`chunk_timeout` as a float, or InvalidRequestError naming it when it is not > 0."""
-    from ..errors import InvalidRequestError
-
     if isinstance(chunk_timeout, bool) or not isinstance(chunk_timeout, (int, float)) or not chunk_timeout > 0:
         raise InvalidRequestError(f"chunk_timeout must be > 0 seconds, got {chunk_timeout!r}", "chunk_timeout")
     return float(chunk_timeout)
 
 
 def check_top_k(k: int) -> None:
-    from ..errors import InvalidRequestError
-
     if not 1 <= k <= MAX_TOP_TOKENS:
         raise InvalidRequestError(f"top_tokens k must be in [1, {MAX_TOP_TOKENS}], got {k}", "k")

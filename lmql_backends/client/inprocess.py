@@ -8,7 +8,8 @@ import threading
 import torch
 
 from ..engine import Engine, EngineConfig, PromptOutput, Request, SamplingParams, TokenOutput
-from ..engine.sampling import make_mask_processor
+from ..engine.engine import check_request
+from ..sampling import make_mask_processor
 from ..loader import LoadedModel, LoadOptions, load_model
 from .base import LMClient, TokenChoice, check_top_k, restrict_to_tokenizer, top_choices
 
@@ -44,6 +45,11 @@ class InProcessClient(LMClient):
         self.engine = shared_engine(self.loaded)
         self.context_length = self.loaded.context_length
 
+    def _stream(self, request: Request):
+        """The engine's outputs of `request`, checked here (the engine trusts what it is handed)."""
+        check_request(request, self.loaded.vocab_size, self.context_length)
+        return self.engine.stream(request)
+
     async def generate(self, ids, mask, max_tokens, sampling: SamplingParams) -> list[TokenChoice]:
         mask = restrict_to_tokenizer(mask, self.num_tokens, self.loaded.vocab_size)
         processors = (make_mask_processor(mask),) if mask is not None else ()
@@ -51,7 +57,7 @@ class InProcessClient(LMClient):
         request = Request(list(ids), max_tokens, sampling, processors, stop)
         return [
             TokenChoice(out.token_id, out.logprob)
-            async for out in self.engine.stream(request) if isinstance(out, TokenOutput)
+            async for out in self._stream(request) if isinstance(out, TokenOutput)
         ]
 
     async def top_tokens(self, ids, mask, k: int) -> list[TokenChoice]:
@@ -60,7 +66,7 @@ class InProcessClient(LMClient):
 
     async def next_token_logits(self, ids) -> torch.Tensor:
         """The raw next-token logits after `ids` (what the legacy `forward` returns)."""
-        async for out in self.engine.stream(Request(list(ids), return_logits=True)):
+        async for out in self._stream(Request(list(ids), return_logits=True)):
             if isinstance(out, PromptOutput):
                 return out.logits
         raise AssertionError("the engine ended a request without its prompt output")
@@ -68,7 +74,7 @@ class InProcessClient(LMClient):
     async def score(self, ids, num_context: int) -> list[float]:
         if num_context >= len(ids):
             return []
-        async for out in self.engine.stream(Request(list(ids), score_from=num_context)):
+        async for out in self._stream(Request(list(ids), score_from=num_context)):
             if isinstance(out, PromptOutput):
                 return list(out.prompt_logprobs)
         raise AssertionError("the engine ended a request without its prompt output")

@@ -31,7 +31,7 @@ import numpy
 import orjson
 import torch
 
-from ..engine.sampling import SamplingParams, make_mask_processor, select_token
+from ..sampling import SamplingParams, make_mask_processor, select_token
 from ..legacy_frames import AFTER_FIELD, APPEND_HEADER, UNKNOWN_BASE_TEXT, decode_logits_frame, load_json
 from ..loader import load_context_length
 from ..errors import (
@@ -420,7 +420,7 @@ class LegacyClient(LMClient):
         """The raw next-token logits after `ids`, as float32 (exactly what the server computed)."""
         if not ids:
             raise InvalidRequestError("ids is empty; send at least one token id (the decoder puts BOS first)", "ids")
-        # numpy converts a list of floats ~3x faster than torch.tensor does
+        # numpy converts a list of floats faster than torch.tensor does
         return torch.from_numpy(numpy.asarray(await self.transport.forward(ids), dtype=numpy.float32))
 
     async def generate(self, ids, mask, max_tokens: int, sampling: SamplingParams) -> list[TokenChoice]:

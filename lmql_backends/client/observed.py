@@ -25,7 +25,7 @@ from typing import Callable, Union
 
 import torch
 
-from ..engine.sampling import SamplingParams, top_logprobs
+from ..sampling import SamplingParams, top_logprobs
 from .base import LMClient, TokenChoice, masked_logprobs, restrict_to_tokenizer
 
 DEFAULT_TOP_K = 5

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import torch
 
-from ..engine.sampling import SamplingParams
+from ..sampling import SamplingParams
 from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, ConstraintError, InvalidRequestError,
     LmqlBackendsError,

@@ -1,7 +1,8 @@
 """The inference engine shared by every backend (see engine.py for the data flow)."""
 
 from .engine import Engine, EngineConfig, EngineStats
-from .sampling import SamplingParams, make_bias_processor, make_mask_processor
+from ..sampling import SamplingParams, make_mask_processor
+from .sampling import make_bias_processor
 from .sequence import ErrorOutput, PromptOutput, Request, TokenOutput
 
 __all__ = [

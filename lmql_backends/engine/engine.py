@@ -16,12 +16,13 @@ from typing import Callable
 
 import torch
 
-from ..errors import ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
+from ..errors import ConstraintError, ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
 from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
 from ..loader import MATMUL_CHOICES, MODEL_IMPLS, check_choice
 from .runner import ModelRunner, choose_num_threads
-from .sampling import Choice, apply_processors, choose_greedy_rows, select_token, top_logprobs
+from ..sampling import select_token, top_logprobs
+from .sampling import Choice, apply_processors, choose_greedy_rows
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
 from .streams import OutputStreams
@@ -106,7 +107,7 @@ class Engine(OutputStreams):
         if config.matmul != "auto":  # nothing to time: set now, so that a bad choice fails here
             self.runner.choose_linear_kernels(config.matmul, config.max_num_seqs)
         self.cache = PrefixCache(config.cache_tokens)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_queue, config.max_prefill_tokens))
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_pending = 0
         self._pending_lock = threading.Lock()
@@ -140,31 +141,27 @@ class Engine(OutputStreams):
         self._cancel_all()  # requests that raced with stop() are cancelled, never left hanging
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None], is_validated: bool = False) -> None:
-        """Validate (unless the caller did: `is_validated`) and enqueue `request`; its outputs are
-        passed to `emit` (any thread)."""
-        if not is_validated:
-            self.validate(request)
-        self._enqueue(request, emit, is_checked=False)
+    def submit(self, request: Request, emit: Callable[[Output], None], is_counted: bool = True) -> None:
+        """Enqueue `request`, which its caller validated (see `check_request`); its outputs are passed
+        to `emit` (any thread). OverloadedError when the engine is at capacity; a request with
+        ``is_counted=False`` (work nobody asked for yet) neither needs nor takes a slot."""
+        self._enqueue(Sequence(request, emit, is_counted=is_counted), is_checked=False)
 
     def submit_checked(self, request: Request, emit: Callable[[Output], None]) -> None:
         """Enqueue a request its caller has validated and counted against the capacity (the engine
         process's handle, in the server process, whose count is the one that answers 429)."""
-        self._enqueue(request, emit, is_checked=True)
+        self._enqueue(Sequence(request, emit), is_checked=True)
 
-    def _enqueue(self, request: Request, emit: Callable[[Output], None], is_checked: bool) -> None:
+    def _enqueue(self, seq: Sequence, is_checked: bool) -> None:
         if self._stopped.is_set():
             raise RequestCancelledError("the engine is shutting down")
-        if not request.is_speculative:
-            self._count_pending(is_checked)
+        if seq.is_counted:
+            with self._pending_lock:
+                if not is_checked:
+                    check_capacity(self._num_pending, self.config)
+                self._num_pending += 1
         self.start()
-        self._inbox.put(("add", Sequence(request, emit)))
-
-    def _count_pending(self, is_checked: bool) -> None:
-        with self._pending_lock:
-            if not is_checked:
-                check_capacity(self._num_pending, self.config)
-            self._num_pending += 1
+        self._inbox.put(("add", seq))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request at the next step (its consumer went away)."""
@@ -177,12 +174,8 @@ class Engine(OutputStreams):
 
     @property
     def num_pending(self) -> int:
-        """Requests submitted and not yet finished (queued or running), speculative ones not counted."""
+        """Counted requests submitted and not yet finished (queued or running)."""
         return self._num_pending
-
-    def validate(self, request: Request) -> None:
-        """InvalidRequestError (naming the field) unless `request` can run on this model."""
-        check_request(request, self.loaded.vocab_size, self.loaded.context_length)
 
     # ---- the engine thread -----------------------------------------------------------
     def _loop(self) -> None:
@@ -350,7 +343,7 @@ class Engine(OutputStreams):
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.retire(seq)
-        if not seq.request.is_speculative:
+        if seq.is_counted:
             with self._pending_lock:
                 self._num_pending -= 1
         if not seq.is_aborted and seq.kv is not None and self.config.use_prefix_cache:
@@ -443,8 +436,6 @@ def check_request(request: Request, vocab_size: int, context_length: int) -> Non
 
 
 def is_user_error(exc: Exception) -> bool:
-    from ..errors import ConstraintError
-
     return isinstance(exc, ConstraintError)
 
 

@@ -1,11 +1,10 @@
 """The matrix-product kernel of each linear layer of the native forward, chosen per batch size.
 
 torch multiplies float32 matrices on CPU with its BLAS (MKL on x86). For the few rows of a
-decode step that is not always the fastest kernel: on an AMD EPYC development machine MKL took
-1.5-2x longer than oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel
-torch.compile's CPU backend emits for linear layers) on GPT-2 small's projections at 2-8 rows,
-while on the embedded model's small layers oneDNN's fixed cost per call makes it 2-5x slower.
-So a `Linear` holds one kernel per bucket of row counts (1, 2, 3-4, 5-8, ...), and
+decode step that is not always the fastest kernel: depending on the CPU and the layer's shape,
+oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile's CPU backend
+emits for linear layers) can be faster on large projections, while on small layers its fixed
+cost per call makes it slower. So a `Linear` holds one kernel per bucket of row counts (1, 2, 3-4, 5-8, ...), and
 `choose_kernels` times both kernels on the layer's own weights on the engine thread at start
 ("auto"), as serving engines tune their kernels to the machine. Row counts above the largest
 bucket (prefills) use BLAS. Both kernels compute the same product from the same weights (no

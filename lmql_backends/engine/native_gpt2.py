@@ -1,8 +1,7 @@
 """The runner's own forward pass for GPT-2 models (the family of LMQL's default model).
 
 transformers' GPT-2 forward spends most of a small model's step in Python (cache objects,
-mask building, attention dispatch): ~2 ms per token for the embedded 4-layer model where the
-arithmetic takes ~0.3 ms. As serving engines do (vLLM's `--model-impl`), the runner can run
+mask building, attention dispatch) rather than in its arithmetic. As serving engines do (vLLM's `--model-impl`), the runner can run
 the same weights through a lean forward of its own: the same operations in the same order
 (layer norm, fused QKV projection, scaled dot-product attention, GELU MLP, tied LM head),
 writing keys and values straight into the runner's `KVStore`. Its logits equal transformers'

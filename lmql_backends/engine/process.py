@@ -24,7 +24,7 @@ from ..errors import EngineError, InvalidRequestError, RequestCancelledError
 from ..loader import LoadedModel, LoadOptions, load_tokenizer, with_tokenizer
 from ..process_env import apply_process_defaults
 from .delivery import Mailboxes
-from .engine import EngineConfig, EngineStats, check_capacity, check_request
+from .engine import EngineConfig, EngineStats, check_capacity
 from .sequence import ErrorOutput, Output, Request
 from .streams import OutputStreams
 from .wire import Channel
@@ -105,20 +105,19 @@ class EngineProcess(OutputStreams):
         self._channel.close()
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None], is_validated: bool = False) -> None:
-        """Validate `request` here (unless the caller did: `is_validated`) and send it to the engine
-        process; outputs go to `emit` (reader thread)."""
-        if not is_validated:
-            self.validate(request)
+    def submit(self, request: Request, emit: Callable[[Output], None], is_counted: bool = True) -> None:
+        """Count `request` (validated by the caller, see `check_request`) against the capacity here
+        and send it to the engine process; outputs go to `emit` (reader thread). ``is_counted=False``:
+        work nobody asked for yet, which neither needs nor takes a slot."""
         if self._is_stopping:
             raise RequestCancelledError("the engine is shutting down")
         if self._process.poll() is not None:
             raise self._gone_error()
         with self._lock:
-            if not request.is_speculative:
+            if is_counted:
                 check_capacity(self._num_pending, self.config)
                 self._num_pending += 1
-            self._consumers[request.request_id] = (emit, request.is_speculative)
+            self._consumers[request.request_id] = (emit, is_counted)
             self._unsent.append(request)
             is_first = len(self._unsent) == 1
         if is_first:
@@ -167,7 +166,7 @@ class EngineProcess(OutputStreams):
         """Drop a request's consumer and its slot; whether it was still there."""
         with self._lock:
             consumer = self._consumers.pop(request_id, None)
-            if consumer is not None and not consumer[1]:
+            if consumer is not None and consumer[1]:
                 self._num_pending -= 1
         return consumer is not None
 
@@ -178,12 +177,8 @@ class EngineProcess(OutputStreams):
 
     @property
     def num_pending(self) -> int:
-        """Requests submitted and not yet finished (queued or running), speculative ones not counted."""
+        """Counted requests submitted and not yet finished (queued or running)."""
         return self._num_pending
-
-    def validate(self, request: Request) -> None:
-        """InvalidRequestError (naming the field) unless `request` can run on this model."""
-        check_request(request, self.loaded.vocab_size, self.loaded.context_length)
 
     def stats(self) -> EngineStats:
         """The engine's statistics as of its last step with outputs (refreshed every 0.25 s while

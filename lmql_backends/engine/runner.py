@@ -320,8 +320,7 @@ def choose_num_threads(runner: ModelRunner) -> int:
 
     A decode step faster than SINGLE_THREAD_BELOW_SECONDS is dominated by per-operation
     overhead: waking torch's worker threads for each operation then costs more than it saves,
-    most of all while the server's event loop and its clients use the other cores (the embedded
-    model's legacy forward spent 6x longer in attention on 2 threads than on 1 in a server).
+    most of all while the server's event loop and its clients use the other cores.
     """
     default = torch.get_num_threads()
     if default == 1 or runner.device.type != "cpu":

@@ -1,6 +1,6 @@
 """The scheduler: decides which sequences run in the next engine step.
 
-New sequences wait in a bounded queue; up to `max_num_seqs` run at once. Every step runs the
+New sequences wait in `waiting` (the engine bounds how many it accepts); up to `max_num_seqs` run at once. Every step runs the
 prompts of newly admitted sequences (prefill, within a token budget) and one batched decode
 step for every running sequence that has exactly one token to compute.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from ..errors import OverloadedError
 from .sequence import Sequence
 
 
@@ -19,7 +18,6 @@ class SchedulerConfig:
     """Limits of the scheduler."""
 
     max_num_seqs: int = 32
-    max_queue: int = 256
     max_prefill_tokens: int = 4096
 
 
@@ -36,13 +34,6 @@ class Scheduler:
         self.config = config
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_queue:
-            raise OverloadedError(
-                f"the request queue is full ({self.config.max_queue} waiting); retry later", 1.0
-            )
-        self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into the running set while there is room."""
@@ -83,7 +74,3 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
-
-    @property
-    def num_sequences(self) -> int:
-        return len(self.running) + len(self.waiting)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .sampling import LogitsProcessor, SamplingParams
+from ..sampling import LogitsProcessor, SamplingParams
 
 _request_ids = itertools.count()
 
@@ -25,8 +25,9 @@ class Request:
     max_tokens: how many tokens to generate after the prompt (0: only look at the prompt).
     return_logits: send the raw next-token logits after the prompt (the legacy `forward`).
     score_from: send the raw log-probability of every prompt token from this index on (echo).
-    is_speculative: work nobody asked for yet (the legacy lookahead): it does not count against
-        the engine's capacity, so it never makes a real request wait for a slot or see a 429.
+
+    The engine trusts what it is handed: the protocol modules and the in-process client check
+    requests once, at their boundary (`engine.check_request` states the rules).
     """
 
     prompt_ids: list[int]
@@ -36,7 +37,6 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     return_logits: bool = False
     score_from: int | None = None
-    is_speculative: bool = False
     request_id: str = dataclasses.field(default_factory=lambda: f"req-{next(_request_ids)}")
 
 
@@ -79,6 +79,8 @@ class Sequence:
 
     request: Request
     emit: Callable[[Any], None]
+    #: whether it takes one of the engine's slots (False: work nobody asked for yet, never a 429)
+    is_counted: bool = True
     ids: list[int] = dataclasses.field(default_factory=list)
     kv: KVCache | None = None
     num_computed: int = 0

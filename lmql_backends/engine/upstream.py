@@ -42,8 +42,9 @@ from ..errors import (
 )
 from ..loader import LoadedModel, LoadOptions, context_length, load_config, load_tokenizer
 from .delivery import Mailboxes
-from .engine import EngineConfig, EngineStats, TokenRate, check_capacity, check_request
-from .sampling import BiasProcessor, MaskProcessor, pad_mask
+from .engine import EngineConfig, EngineStats, TokenRate, check_capacity
+from ..sampling import MaskProcessor, pad_mask
+from .sampling import BiasProcessor
 from .sequence import ErrorOutput, Output, PromptOutput, Request, TokenOutput
 from .streams import OutputStreams
 
@@ -169,18 +170,18 @@ class UpstreamEngine(OutputStreams):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None], is_validated: bool = False) -> None:
-        """Validate `request` (unless the caller did: `is_validated`) and start its upstream call;
-        outputs go to `emit` (the engine's loop thread)."""
-        if not is_validated:
-            self.validate(request)
+    def submit(self, request: Request, emit: Callable[[Output], None], is_counted: bool = True) -> None:
+        """Start `request`'s upstream call (the boundary checked its ids and length; what only an
+        upstream cannot do is refused here); outputs go to `emit` (the engine's loop thread).
+        ``is_counted=False``: a speculative request, which takes no slot."""
+        self.check_upstream_can_run(request)
         if self._is_stopped:
             raise RequestCancelledError("the engine is shutting down")
         with self._lock:
-            if not request.is_speculative:
+            if is_counted:
                 check_capacity(self._num_pending, self.config)
                 self._num_pending += 1
-            self._consumers[request.request_id] = (emit, request.is_speculative)
+            self._consumers[request.request_id] = (emit, not is_counted)
         self._loop.call_soon_threadsafe(self._start, request)
 
     def abort(self, request_id: str) -> None:
@@ -207,9 +208,8 @@ class UpstreamEngine(OutputStreams):
         """Requests submitted and not yet finished, speculative ones not counted."""
         return self._num_pending
 
-    def validate(self, request: Request) -> None:
-        """InvalidRequestError (naming the field) unless `request` can run on the upstream."""
-        check_request(request, self.loaded.vocab_size, self.loaded.context_length)
+    def check_upstream_can_run(self, request: Request) -> None:
+        """InvalidRequestError (naming the field) unless the upstream can run `request`."""
         upstream_masks(request.processors, self.loaded.vocab_size)
         if request.return_logits:
             self._check_full_distribution(request)

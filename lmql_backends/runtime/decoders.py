@@ -21,7 +21,7 @@ import secrets
 from typing import Any, Sequence
 
 from ..client.base import MAX_TOP_TOKENS, LMClient, check_chunk_timeout
-from ..engine.sampling import SamplingParams
+from ..sampling import SamplingParams
 from ..errors import BackendError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError
 from ..language.parser import DistributionClause, Query
 from ..language.program import FilledHole, HoleContext, ProgramTrace, StopProgram

@@ -120,6 +120,11 @@ class ServerHandle:
         self._thread = threading.Thread(target=self._run, name="lmql-backends-server", daemon=True)
 
     @property
+    def app(self) -> web.Application | None:
+        """The running aiohttp application (None before `start`)."""
+        return self._runner.app if self._runner is not None else None
+
+    @property
     def endpoint(self) -> str:
         return f"{self.state.config.host}:{self.port}"
 

@@ -9,7 +9,7 @@ mask, token) and every ``P(VAR)`` agree within 1e-4.
 Seeded sampling is identical on every backend because it does not depend on where the model runs:
 sample ``i`` of ``sample(n=N, seed=S)`` uses seed ``S + i``, and the token at absolute sequence
 position ``p`` is drawn by inverse CDF (probabilities in token-id order) with the uniform number
-``engine.sampling.seeded_uniform(seed, p)``, a pure function of seed and position. The engine
+``sampling.seeded_uniform(seed, p)``, a pure function of seed and position. The engine
 (in-process and new API) and the legacy client (which samples from the raw logits it receives)
 apply the same mask, temperature and top-p to the same logits, so they draw the same tokens
 whatever the chunking or batching.

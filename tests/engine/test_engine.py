@@ -20,7 +20,8 @@ from lmql_backends.engine import (
     make_bias_processor, make_mask_processor,
 )
 from lmql_backends.engine import runner
-from lmql_backends.engine.sampling import draw_token, seeded_uniform, top_p_filter
+from lmql_backends.engine.engine import check_request
+from lmql_backends.sampling import draw_token, seeded_uniform, top_p_filter
 from lmql_backends.errors import ContextLengthError, EngineError, InvalidRequestError
 from lmql_backends.loader import load_model
 
@@ -472,13 +473,15 @@ def test_abort_by_request_id_leaves_other_requests_running(tiny_loaded, make_eng
     ({"prompt_ids": [1] * 1000, "max_tokens": 25}, ContextLengthError, "1024"),
     ({"prompt_ids": [1, 2, 3], "score_from": 4}, InvalidRequestError, "score_from"),
 ])
-def test_invalid_requests_raise_typed_errors(tiny_loaded, make_engine, request_kwargs, error, words):
-    engine = make_engine(tiny_loaded)
+def test_check_request_names_what_the_engine_cannot_run(tiny_loaded, request_kwargs, error, words):
+    """The rules a boundary (the in-process client) checks once; the engine itself trusts requests."""
     with pytest.raises(error, match=words):
-        engine.submit(Request(**request_kwargs), lambda out: None)
-    with pytest.raises(error):
-        list(engine.stream_sync(Request(**request_kwargs), timeout=STREAM_TIMEOUT))
-    assert engine.stats().num_running == 0 and engine.stats().num_waiting == 0
+        check_request(Request(**request_kwargs), tiny_loaded.vocab_size, tiny_loaded.context_length)
+
+
+def test_check_request_accepts_a_request_that_fills_the_context(tiny_loaded):
+    full = Request([1] * 1000, max_tokens=24, score_from=1000)
+    assert check_request(full, tiny_loaded.vocab_size, tiny_loaded.context_length) is None
 
 
 def test_all_tokens_masked_fails_with_constraint_error(tiny_loaded, make_engine):

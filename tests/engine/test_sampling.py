@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from lmql_backends.engine.sampling import (
-    choose_greedy_rows,
-    SamplingParams, apply_processors, draw_token, make_bias_processor, make_mask_processor, pad_mask,
-    seeded_uniform, select_token, token_logprobs, top_logprobs, top_p_filter,
+from lmql_backends.engine.sampling import apply_processors, choose_greedy_rows, make_bias_processor
+from lmql_backends.sampling import (
+    SamplingParams, draw_token, make_mask_processor, pad_mask, seeded_uniform, select_token, token_logprobs,
+    top_logprobs, top_p_filter,
 )
 from lmql_backends.errors import ConstraintError, InvalidRequestError
 

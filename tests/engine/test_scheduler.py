@@ -1,4 +1,4 @@
-"""Scheduler unit tests: admission limit, bounded queue, prefill budget, decode batching."""
+"""Scheduler unit tests: admission limit, prefill budget, decode batching."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 
 from lmql_backends.engine.scheduler import Scheduler, SchedulerConfig
 from lmql_backends.engine.sequence import Request, Sequence
-from lmql_backends.errors import OverloadedError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -17,15 +16,15 @@ def make_sequence(num_prompt: int, num_computed: int = 0) -> Sequence:
     return seq
 
 
-def make_scheduler(max_num_seqs=32, max_queue=256, max_prefill_tokens=4096) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_seqs, max_queue, max_prefill_tokens))
+def make_scheduler(max_num_seqs=32, max_prefill_tokens=4096) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs, max_prefill_tokens))
 
 
 def test_admit_respects_max_num_seqs():
     scheduler = make_scheduler(max_num_seqs=2)
     seqs = [make_sequence(3) for _ in range(3)]
     for seq in seqs:
-        scheduler.add(seq)
+        scheduler.waiting.append(seq)
     assert scheduler.admit() == seqs[:2]
     assert scheduler.running == seqs[:2]
     assert list(scheduler.waiting) == seqs[2:]
@@ -36,41 +35,23 @@ def test_retire_frees_a_slot_for_the_next_waiting_sequence():
     scheduler = make_scheduler(max_num_seqs=2)
     seqs = [make_sequence(3) for _ in range(3)]
     for seq in seqs:
-        scheduler.add(seq)
+        scheduler.waiting.append(seq)
     scheduler.admit()
     scheduler.retire(seqs[0])
     assert scheduler.admit() == [seqs[2]]
     assert scheduler.running == [seqs[1], seqs[2]]
-    assert scheduler.num_sequences == 2
+    assert list(scheduler.waiting) == []
 
 
 def test_retire_removes_a_waiting_sequence_too():
     scheduler = make_scheduler(max_num_seqs=1)
     first, second = make_sequence(2), make_sequence(2)
-    scheduler.add(first)
-    scheduler.add(second)
+    scheduler.waiting.append(first)
+    scheduler.waiting.append(second)
     scheduler.admit()
     scheduler.retire(second)
     assert list(scheduler.waiting) == []
     assert scheduler.running == [first]
-
-
-def test_full_queue_raises_overloaded_error():
-    scheduler = make_scheduler(max_num_seqs=1, max_queue=2)
-    scheduler.add(make_sequence(2))
-    scheduler.add(make_sequence(2))
-    with pytest.raises(OverloadedError, match="queue is full") as info:
-        scheduler.add(make_sequence(2))
-    assert info.value.retry_after > 0
-    assert len(scheduler.waiting) == 2
-
-
-def test_admitting_makes_room_in_the_queue():
-    scheduler = make_scheduler(max_num_seqs=1, max_queue=1)
-    scheduler.add(make_sequence(2))
-    scheduler.admit()
-    scheduler.add(make_sequence(2))  # does not raise: the first one left the queue
-    assert len(scheduler.waiting) == 1
 
 
 def test_plan_batches_every_single_token_sequence_into_one_decode():
@@ -78,7 +59,7 @@ def test_plan_batches_every_single_token_sequence_into_one_decode():
     decodes = [make_sequence(n, num_computed=n - 1) for n in (3, 7, 12)]
     prefill = make_sequence(5)
     for seq in [decodes[0], prefill, *decodes[1:]]:
-        scheduler.add(seq)
+        scheduler.waiting.append(seq)
     scheduler.admit()
     plan = scheduler.plan()
     assert plan.decodes == decodes
@@ -88,7 +69,7 @@ def test_plan_batches_every_single_token_sequence_into_one_decode():
 def test_plan_skips_sequences_with_nothing_to_compute():
     scheduler = make_scheduler()
     done = make_sequence(4, num_computed=4)
-    scheduler.add(done)
+    scheduler.waiting.append(done)
     scheduler.admit()
     plan = scheduler.plan()
     assert plan.prefills == [] and plan.decodes == []
@@ -98,7 +79,7 @@ def test_prefill_budget_limits_the_tokens_prefilled_in_one_step():
     scheduler = make_scheduler(max_prefill_tokens=10)
     seqs = [make_sequence(n) for n in (6, 6, 3, 2)]
     for seq in seqs:
-        scheduler.add(seq)
+        scheduler.waiting.append(seq)
     scheduler.admit()
     plan = scheduler.plan()
     assert plan.prefills == [seqs[0], seqs[2]]  # 6 + 3 <= 10; the second 6 waits; then 2 does not fit
@@ -108,8 +89,8 @@ def test_prefill_budget_limits_the_tokens_prefilled_in_one_step():
 def test_first_prefill_runs_even_over_budget():
     scheduler = make_scheduler(max_prefill_tokens=4)
     big, small = make_sequence(9), make_sequence(3)
-    scheduler.add(big)
-    scheduler.add(small)
+    scheduler.waiting.append(big)
+    scheduler.waiting.append(small)
     scheduler.admit()
     assert scheduler.plan().prefills == [big]
 
@@ -117,8 +98,8 @@ def test_first_prefill_runs_even_over_budget():
 def test_skipped_prefill_runs_in_a_later_step():
     scheduler = make_scheduler(max_prefill_tokens=8)
     first, second = make_sequence(6), make_sequence(6)
-    scheduler.add(first)
-    scheduler.add(second)
+    scheduler.waiting.append(first)
+    scheduler.waiting.append(second)
     scheduler.admit()
     assert scheduler.plan().prefills == [first]
     first.num_computed = 6
@@ -130,8 +111,8 @@ def test_skipped_prefill_runs_in_a_later_step():
 def test_find_by_request_id():
     scheduler = make_scheduler(max_num_seqs=1)
     running, waiting = make_sequence(2), make_sequence(2)
-    scheduler.add(running)
-    scheduler.add(waiting)
+    scheduler.waiting.append(running)
+    scheduler.waiting.append(waiting)
     scheduler.admit()
     assert scheduler.find(running.request.request_id) is running
     assert scheduler.find(waiting.request.request_id) is waiting

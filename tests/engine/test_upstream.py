@@ -20,7 +20,8 @@ import torch
 
 from lmql_backends import errors, model, run_sync
 from lmql_backends.engine import Request, SamplingParams
-from lmql_backends.engine.sampling import apply_processors, make_bias_processor, make_mask_processor
+from lmql_backends.engine.sampling import apply_processors, make_bias_processor
+from lmql_backends.sampling import make_mask_processor
 from lmql_backends.engine.upstream import (
     UpstreamConfig, UpstreamEngine, sse_events, top_entries, upstream_error, upstream_masks,
 )
@@ -425,14 +426,14 @@ def test_the_upstream_fields_do_what_the_processors_do(masks, bias, logits):
 def test_a_processor_the_upstream_cannot_run_is_refused_by_name(front):
     request = Request([1, 2, 3], max_tokens=2, processors=(lambda ids, logits: logits,))
     with pytest.raises(errors.InvalidRequestError, match="cannot run there"):
-        front.state.engine.validate(request)
+        front.state.engine.check_upstream_can_run(request)
 
 
 def test_raw_logits_over_an_upstream_are_refused_with_generation_or_a_mask(front):
     mask = make_mask_processor(torch.ones(VOCAB_SIZE, dtype=torch.bool))
     for request in (Request([1, 2], max_tokens=1, return_logits=True), Request([1, 2], return_logits=True, processors=(mask,))):
         with pytest.raises(errors.InvalidRequestError, match="max_tokens=0 and no processors"):
-            front.state.engine.validate(request)
+            front.state.engine.check_upstream_can_run(request)
     outputs = list(front.state.engine.stream_sync(Request([1, 2], return_logits=True), timeout=60))
     assert len(outputs) == 1 and outputs[0].logits.shape == (VOCAB_SIZE,)
     assert float(torch.logsumexp(outputs[0].logits, 0)) == pytest.approx(0.0, abs=1e-4)  # log-probabilities

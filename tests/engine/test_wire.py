@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lmql_backends.engine.sampling import make_bias_processor, make_mask_processor
+from lmql_backends.engine.sampling import make_bias_processor
+from lmql_backends.sampling import make_mask_processor
 from lmql_backends.engine.sequence import ErrorOutput, PromptOutput, Request
 from lmql_backends.engine.wire import dumps, loads
 from lmql_backends.errors import ContextLengthError, QuerySyntaxError

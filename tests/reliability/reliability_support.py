@@ -23,12 +23,17 @@ HTTP_TIMEOUT = 30
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 
 # any JSON value (for fuzzing both APIs)
+#: text UTF-8 cannot encode: a lone surrogate (JSON ``"\ud800"``) among other characters
+unencodable_text = st.tuples(
+    st.text(max_size=4), st.characters(categories=["Cs"]), st.text(max_size=4)
+).map("".join)
 json_leaves = (
     st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12) | unencodable_text
 )
 json_values = st.recursive(
-    json_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    json_leaves,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6) | unencodable_text, inner, max_size=4),
     max_leaves=10,
 )
 
@@ -57,6 +62,7 @@ def openai_error(response: requests.Response) -> dict:
     assert set(error) == OPENAI_ERROR_KEYS, error
     assert isinstance(error["message"], str) and error["message"], error
     assert isinstance(error["type"], str), error
+    error["message"].encode("utf-8")  # no lone surrogate: whatever it echoes, any JSON client reads it
     return error
 
 
@@ -64,8 +70,9 @@ def legacy_error_text(response: requests.Response) -> str:
     """The text of a legacy-API error response; fails unless it is ``text/plain`` with a message."""
     assert 400 <= response.status_code < 600, response.status_code
     assert response.headers["Content-Type"].startswith("text/plain"), response.headers["Content-Type"]
-    assert response.text.strip(), "an empty error text"
-    return response.text
+    text = response.content.decode("utf-8")  # strict: whatever it echoes, the text is UTF-8
+    assert text.strip(), "an empty error text"
+    return text
 
 
 def sse_payloads(text: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Property-based fuzzing of the legacy API over real HTTP: 800+ malformed or random requests.
 
-Every answer is ``200`` (accepted) or a 4xx ``text/plain`` text, never a 5xx; every accepted
+Every answer is ``200`` (accepted) or a 4xx ``text/plain`` text in UTF-8, never a 5xx, whatever
+the request holds (lone surrogates and other text UTF-8 cannot encode in any field); every accepted
 sample gets exactly one result (its value or an error result), and afterwards a forward
 returns exactly the model's own logits.
 """
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from lmql_backends.loader import load_model
 from reliability_support import (
-    json_leaves, json_values,
+    json_leaves, json_values, unencodable_text,
     MODEL, base_url, collect_legacy, legacy_error_text, legacy_forward_logits, new_client_id, start_server,
     wait_until,
 )
@@ -47,10 +48,12 @@ input_ids = st.one_of(
 mask_values = st.sampled_from([0, 1, 2, True, -1, None])
 masks = st.one_of(st.none(), st.lists(st.lists(mask_values, max_size=6), max_size=3), json_values)
 FIELDS = {
-    "action": st.one_of(st.sampled_from(["forward", "tokenize", "detokenize", "Forward", "", "score"]), json_leaves),
+    "action": st.one_of(
+        st.sampled_from(["forward", "tokenize", "detokenize", "Forward", "", "score", "\ud800"]), json_leaves,
+    ),
     "input_ids": input_ids,
     "attention_mask": masks,
-    "model_identifier": st.one_of(st.sampled_from([MODEL, "gpt2", ""]), json_leaves),
+    "model_identifier": st.one_of(st.sampled_from([MODEL, "gpt2", "", "\udfff"]), unencodable_text, json_leaves),
     "text": st.one_of(st.text(max_size=30), st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3),
                       st.sampled_from(["<BOS>", "<EOS>", ""]), json_values),
     "sample_id": json_values,
@@ -81,6 +84,8 @@ raw_bodies = st.one_of(
         b"", b"{", b"[]", b"null", b'"x"', b"NaN", b"[" * 100_000, b'{"action": "forward", "sample_id": 1e999999}',
         b'{"action": "tokenize", "sample_id": 1, "client_id": "c", "text": "\xff\xfe"}',
         b'{"action": "tokenize", "sample_id": 1, "client_id": "c", "text": "\\udc80"}',
+        b'{"action": "\\ud800", "sample_id": 1}', b'{"action": "forward", "sample_id": "\\udfff"}',
+        b'{"action": "forward", "sample_id": 1, "client_id": 1, "input_ids": [[1]], "model_identifier": "\\ud800"}',
         b'{"action": "forward", "sample_id": 1, "input_ids": [[1' + b"0" * 5000 + b"]]}",
     ]),
     st.integers(1, 4096).map(lambda extra: b'{"action": "tokenize", "text": "' + b"a" * (BODY_LIMIT + extra) + b'"}'),

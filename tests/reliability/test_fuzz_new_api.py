@@ -1,7 +1,8 @@
 """Property-based fuzzing of the new API over real HTTP: 1,200+ malformed or random requests.
 
-Whatever arrives, the server answers 2xx or a 4xx OpenAI error object, never a 5xx, and keeps
-serving: afterwards a greedy request gives exactly the model's own greedy tokens.
+Whatever arrives (lone surrogates and other text UTF-8 cannot encode in any field included),
+the server answers 2xx or a 4xx OpenAI error object whose message is valid UTF-8, never a 5xx,
+and keeps serving: afterwards a greedy request gives exactly the model's own greedy tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reliability_support import (
-    json_leaves, json_values,
+    json_leaves, json_values, unencodable_text,
     MODEL, base_url, greedy_completion_ids, greedy_reference, openai_error, sse_payloads, start_server,
 )
 
@@ -38,7 +39,8 @@ too_long_ids = st.integers(CONTEXT - 4, CONTEXT + 200).map(lambda n: [1] * n)
 too_long_text = st.integers(CONTEXT + 1, 2 * CONTEXT).map(lambda n: " a" * n)
 surrogates = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3)
 prompts = st.one_of(
-    st.text(max_size=40), st.just(""), surrogates, too_long_text, id_lists, too_long_ids,
+    st.text(max_size=40), st.just(""), surrogates, unencodable_text, st.lists(unencodable_text, max_size=3),
+    too_long_text, id_lists, too_long_ids,
     st.lists(st.text(max_size=10), max_size=4), st.lists(id_lists, max_size=3), st.lists(json_leaves, max_size=4),
     json_leaves, json_values,
 )
@@ -49,7 +51,7 @@ PARAMETERS = {
     "top_p": st.sampled_from([0, 1e-9, 0.5, 1, 1.0001, -1, "0.5"]),
     "n": st.sampled_from([0, 1, 2, 16, 17, -1, 10**6, 2.0, "2"]),
     "seed": st.sampled_from([0, -1, 2**63, 2**64, 2**64 + 1, -(2**63) - 1, 10**40, "1", 1.5]),
-    "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=6), json_values),
+    "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3) | unencodable_text, max_size=6), json_values),
     "logprobs": st.sampled_from([0, 1, 5, 20, 21, -1, True, "5", 2**40]),
     "logit_bias": st.one_of(
         st.dictionaries(st.one_of(st.from_regex(r"\A-?\d{1,6}\Z"), st.text(max_size=4), st.just("9" * 5000)),
@@ -68,7 +70,8 @@ PARAMETERS = {
     "suffix": st.sampled_from([None, "", "x"]),
     "user": json_values,
 }
-models = st.sampled_from([MODEL] * 8 + ["gpt-3.5-turbo", "", None, 3, ["builtin:tiny"]])
+models = st.one_of(st.sampled_from([MODEL] * 8 + ["gpt-3.5-turbo", "", None, 3, ["builtin:tiny"], "\ud800"]),
+                   unencodable_text)
 VALID = {  # cheap valid values: a fuzzed parameter is then the only thing wrong with a request
     "prompt": st.one_of(st.text(min_size=1, max_size=20), st.lists(token_ids, min_size=1, max_size=8)),
     "max_tokens": st.integers(1, 3),

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 import lmql_backends as lmql
-from lmql_backends.engine.sampling import SamplingParams
+from lmql_backends.sampling import SamplingParams
 from lmql_backends.errors import ConstraintError, InvalidRequestError, QuerySyntaxError
 from lmql_backends.runtime.api import score_sync
 from lmql_backends.runtime.models import make_client

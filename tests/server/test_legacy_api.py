@@ -13,7 +13,7 @@ import torch
 
 from lmql_backends.legacy_frames import load_json
 from lmql_backends.loader import load_model
-from lmql_backends.server.legacy.api import format_floats
+from lmql_backends.server.legacy.api import LEGACY, format_floats
 from lmql_backends.server.legacy.store import ResultLimits, ResultStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -222,6 +222,17 @@ def test_unknown_action(legacy_server):
     )
 
 
+@pytest.mark.parametrize("body, echoed", [
+    ({"action": "\ud800", "sample_id": 1, "client_id": "c"}, "Unknown action: \\ud800"),
+    (forward_body("c", 1, [[0]], model="gpt\udfff2"), "not gpt\\udfff2."),
+])
+def test_errors_that_echo_text_utf8_cannot_encode_are_400_in_utf8(legacy_server, body, echoed):
+    """A lone surrogate (JSON "\\ud800") in a field an error echoes is escaped in the text, never a 500."""
+    response = post_queue(legacy_server, json.dumps(body))
+    assert response.status_code == 400 and response.headers["Content-Type"].startswith("text/plain")
+    assert response.content.decode("utf-8").endswith(echoed)
+
+
 @pytest.mark.parametrize("body", [
     b"{not json",
     b"[1, 2]",
@@ -311,19 +322,32 @@ def test_unknown_client_gets_an_empty_list(legacy_server):
     assert response.json() == []
 
 
+def wait_for(condition, seconds: float) -> bool:
+    """Whether `condition()` holds within `seconds` (checked every few milliseconds)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def is_long_polling(server, client_id: str) -> bool:
+    """Whether a GET /results of `client_id` is waiting in the server's result store now."""
+    clients = server.app[LEGACY].store.clients.items()
+    return any(key.endswith(f"-{client_id}") and entry.num_waiters > 0 for key, entry in list(clients))
+
+
 def test_long_poll_returns_as_soon_as_a_result_is_ready(legacy_server):
     client_id = new_client_id()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # wait=30, but the HTTP timeout is 10 s: only an early answer passes
         waiting = pool.submit(requests.get, f"{base_url(legacy_server)}/results/{client_id}?wait=30", timeout=10)
-        time.sleep(0.2)
+        assert wait_for(lambda: is_long_polling(legacy_server, client_id), seconds=10)
         accepted(post_queue(legacy_server, forward_body(client_id, "fast", [[0, 1, 2]])), "fast")
         response = waiting.result()
-    results = response.json()
-    if not results:  # the GET was answered before the POST landed: never the timeout
-        results = collect(legacy_server, client_id, 1)
     assert response.headers["X-Long-Poll"] == "1"
-    assert [r["sample_id"] for r in results] == ["fast"]
+    assert [r["sample_id"] for r in response.json()] == ["fast"]  # the waiting GET got it
 
 
 def test_long_poll_times_out_with_an_empty_list(legacy_server):

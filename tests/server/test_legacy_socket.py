@@ -113,6 +113,13 @@ async def test_a_refused_action_answers_its_status_and_message(channel):
     assert refusal == {"sample_id": 5, "status": 400, "error": "The inference API serves model builtin:tiny not gpt2."}
 
 
+async def test_a_refusal_that_echoes_a_lone_surrogate_is_valid_utf8(channel):
+    await channel.send_str(json.dumps({"action": "\ud800", "sample_id": "\udfff", "client_id": "c"}))
+    refusal = json.loads((await next_message(channel)).data)
+    assert refusal == {"sample_id": "\udfff", "status": 400, "error": "Unknown action: \\ud800"}
+    refusal["error"].encode("utf-8")  # the sample_id is echoed as sent; the message is valid text
+
+
 async def test_a_malformed_action_answers_bad_request_with_the_detail(channel):
     body = {**forward_body(new_client_id(), 6, [[0, 1]]), "attention_mask": [[1]]}
     await channel.send_str(json.dumps(body))

@@ -446,6 +446,18 @@ async def test_engine_failure_mid_stream_is_a_final_error_frame(tiny_model):
         await asyncio.to_thread(handle.stop)
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"model": "gpt\ud800", "prompt": "a"}, "model"),
+    ({"model": MODEL, "prompt": "a", "logit_bias": {"\udfff": 1}}, "logit_bias"),
+])
+async def test_errors_that_echo_text_utf8_cannot_encode_are_valid_utf8(url, body, param):
+    """A lone surrogate (JSON "\\ud800") in a value an error message echoes is escaped, never a 500."""
+    status, answer = await post(url, body)
+    message = answer["error"]["message"]
+    assert 400 <= status < 500 and answer["error"]["param"] == param
+    assert message.encode("utf-8") and "\\u" in message
+
+
 def test_sdk_raises_not_found_for_a_wrong_model_name(sdk):
     with pytest.raises(openai.NotFoundError) as info:
         sdk.completions.create(model="davinci", prompt="x", max_tokens=1)

@@ -1,9 +1,9 @@
 """The legacy API's WebSocket channel (an extension): ``/queue`` actions in, results out, one connection.
 
-An HTTP request per token costs both sides far more than the token's work on a small model
-(~0.7 ms of CPU per round trip on the development machine, against ~0.1 ms for a WebSocket
-message), so lmql-backends' own client moves to this channel once a ``/queue`` answer names it
-(``X-Queue-Socket: /queue/socket``); an original client never sees it. Each message the client
+An HTTP request per token costs both sides far more CPU than a message on an open WebSocket,
+and on a small model more than the token's own work, so lmql-backends' own client moves to
+this channel once a ``/queue`` answer names it (``X-Queue-Socket: /queue/socket``); an
+original client never sees it. Each message the client
 sends is exactly a ``POST /queue`` body, validated and run by the same code. Each sample gets
 exactly one message back:
 

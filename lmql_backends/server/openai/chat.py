@@ -22,7 +22,7 @@ from ..state import ServerState
 from ..validation import is_valid_unicode, json_type
 from .api import CompletionFormat, answer_completion
 from .completions import (
-    CompletionRequest, check_is_object, check_range, read_bool, read_int, read_optional_int,
+    CompletionRequest, check_fits_context, check_is_object, check_range, read_bool, read_int, read_optional_int,
     read_shared_fields,
 )
 from .text import ChoiceBuilder, ChoiceDelta, decode_ids, finite, token_bytes
@@ -57,10 +57,9 @@ def parse_chat_request(body: Any, state: ServerState) -> CompletionRequest:
     shared = read_shared_fields(body, state)
     check_chat_unsupported(body)
     ids = tokenize(state.loaded.tokenizer, render_chat_prompt(body, state))
-    return CompletionRequest(
-        prompts=(ids,), max_tokens=read_chat_max_tokens(body, len(ids), state.loaded.context_length),
-        logprobs=read_chat_logprobs(body), **shared,
-    )
+    max_tokens = read_chat_max_tokens(body, len(ids), state.loaded.context_length)
+    check_fits_context((ids,), max_tokens, state.loaded.context_length)
+    return CompletionRequest(prompts=(ids,), max_tokens=max_tokens, logprobs=read_chat_logprobs(body), **shared)
 
 
 def render_chat_prompt(body: dict, state: ServerState) -> str:

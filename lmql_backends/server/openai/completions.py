@@ -16,10 +16,11 @@ from typing import Any, Iterator
 import torch
 
 from ...engine import Request, SamplingParams
-from ...engine.sampling import make_bias_processor, make_mask_processor
-from ...errors import InvalidRequestError, ModelNotFoundError
+from ...engine.sampling import make_bias_processor
+from ...sampling import make_mask_processor
+from ...errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
 from ..state import ServerState
-from ..validation import is_id_list, is_int, is_number, is_valid_unicode, json_type
+from ..validation import first_outside_vocabulary, is_id_list, is_int, is_number, is_valid_unicode, json_type
 
 DEFAULT_MAX_TOKENS = 16
 MAX_MAX_TOKENS = 2**31
@@ -57,9 +58,12 @@ class CompletionRequest:
         check_is_object(body)
         shared = read_shared_fields(body, state)
         echo = read_bool(body, "echo", False)
+        prompts = read_prompts(body, state.loaded.tokenizer, state.loaded.vocab_size)
+        max_tokens = read_max_tokens(body, echo)
+        check_fits_context(prompts, max_tokens, state.loaded.context_length)
         return cls(
-            prompts=read_prompts(body, state.loaded.tokenizer, state.loaded.vocab_size),
-            max_tokens=read_max_tokens(body, echo),
+            prompts=prompts,
+            max_tokens=max_tokens,
             logprobs=read_int(body, "logprobs", None, 0, state.config.logprobs_limit(state.loaded.vocab_size)),
             echo=echo,
             **shared,
@@ -333,10 +337,22 @@ def read_id_list(ids: list, vocab_size: int) -> tuple[int, ...]:
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> tuple[int, ...]:
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequestError(f"token id {bad[0]} in '{param}' is outside the vocabulary [0, {vocab_size})", param)
+    bad = first_outside_vocabulary(ids, vocab_size)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} in '{param}' is outside the vocabulary [0, {vocab_size})", param)
     return tuple(ids)
+
+
+def check_fits_context(prompts: tuple[tuple[int, ...], ...], max_tokens: int, context_length: int) -> None:
+    """Every prompt has a token, and room for max_tokens more within the model's context."""
+    for prompt in prompts:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; send at least one token", "prompt")
+        if len(prompt) + max_tokens > context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}, "
+                f"which exceeds the model's context length of {context_length} tokens", "max_tokens"
+            )
 
 
 # ---- engine requests -------------------------------------------------------------------
@@ -352,13 +368,13 @@ class ChoicePlan:
 
 
 def make_choice_plans(completion: CompletionRequest, state: ServerState) -> list[ChoicePlan]:
-    """One validated engine request per (prompt, choice); choice i samples with seed + i."""
+    """One engine request per (prompt, choice) of the validated `completion`; choice i samples with seed + i."""
     base_seed = completion.seed if completion.seed is not None else secrets.randbelow(2**63)
     processors = make_processors(completion, state.loaded.vocab_size)
     stop_ids = stop_token_ids(completion, state.loaded.eos_token_id)
     check_num_choices(completion, state.engine.config)
     return [
-        make_plan(index, prompt, make_request(completion, prompt, base_seed + i, processors, stop_ids), state.engine)
+        ChoicePlan(index, prompt, make_request(completion, prompt, base_seed + i, processors, stop_ids))
         for index, prompt, i in enumerate_choices(completion)
     ]
 
@@ -368,12 +384,6 @@ def enumerate_choices(completion: CompletionRequest) -> Iterator[tuple[int, tupl
     for p, prompt in enumerate(completion.prompts):
         for i in range(completion.n):
             yield p * completion.n + i, prompt, i
-
-
-def make_plan(index: int, prompt: tuple[int, ...], request: Request, engine) -> ChoicePlan:
-    """The plan of one choice, once the engine accepts its request."""
-    engine.validate(request)
-    return ChoicePlan(index, prompt, request)
 
 
 def make_request(completion: CompletionRequest, prompt: tuple[int, ...], seed: int, processors, stop_ids) -> Request:
