@@ -3,7 +3,7 @@
 Every figure a benchmark reports is a `Figure`: a ratio measured in one run (the medians of
 several repetitions, taken alternately so that load from other processes hits both sides),
 the absolute numbers it came from, and its target. `format_table` prints them as one
-Markdown table (the one in the README's Performance section).
+Markdown table (the one in benchmarks/RESULTS.md).
 
 Models: the embedded ``builtin:tiny`` and a GPT-2-small-shaped model with random weights
 (12 layers, 12 heads, 768 wide, 1024 positions, 50257-token vocabulary) built from a config into

@@ -1,4 +1,4 @@
-"""Run every benchmark and print one table of ratios (the README's Performance section).
+"""Run every benchmark and print one table of ratios (benchmarks/RESULTS.md).
 
 Benchmarks, in order: single stream, legacy per-token latency, prompt scaling, concurrency, constraints, time to first
 token and memory, mask speed on a 50k vocabulary (``benchmarks/masks.py``), and with
