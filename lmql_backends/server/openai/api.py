@@ -26,7 +26,7 @@ from ..errors import openai_error_body
 from ..http import is_disconnected, json_error, read_body
 from ..state import ServerState, get_state
 from .completions import ChoicePlan, CompletionRequest, decode_json_body, make_choice_plans
-from .sse import EventStream
+from ..sse import EventStream
 from .text import ChoiceBuilder, ChoiceDelta, TokenNamer
 
 log = logging.getLogger("lmql_backends.server.openai")

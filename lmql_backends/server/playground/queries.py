@@ -31,13 +31,13 @@ from ...language.parser import parse_query
 from ...runtime.api import resolve_decoder
 from ...runtime.decoders import DecoderSpec, decode, make_decoder
 from ..errors import classify, error_headers, error_message
-from ..http import is_disconnected, json_error, read_body
+from ..http import json_error, read_body
+from ..sse import EventStream
 from ..state import ServerState, get_state
 
 #: queries running at once through this endpoint (each is one sequence at a time on the engine)
 MAX_RUNNING_QUERIES = 4
 MAX_QUERY_CHARS = 100_000
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 RUNNING = web.AppKey("playground_running", dict)
 
 
@@ -165,22 +165,6 @@ def refusal(exc: BaseException) -> web.Response:
     return response
 
 
-class QueryStream:
-    """The SSE answer of one query."""
-
-    def __init__(self, request: web.Request):
-        self.request = request
-        self.response = web.StreamResponse(headers=SSE_HEADERS)
-
-    async def open(self) -> None:
-        await self.response.prepare(self.request)
-
-    async def send(self, kind: str, data: dict) -> None:
-        if is_disconnected(self.request):
-            raise ConnectionResetError("the client closed the connection")
-        await self.response.write(f"event: {kind}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n")
-
-
 async def create_query(request: web.Request) -> web.StreamResponse:
     """POST /v1/queries: validate, then stream the query's events until it ends or the client leaves."""
     state = get_state(request)
@@ -191,7 +175,7 @@ async def create_query(request: web.Request) -> web.StreamResponse:
             raise OverloadedError(f"{len(running)} playground queries are running, the most this server runs; retry later")
     except Exception as exc:
         return refusal(exc)
-    stream = QueryStream(request)
+    stream = EventStream(request)
     await stream.open()
     events: asyncio.Queue = asyncio.Queue()
     client = ObservedClient(EngineClient(state), events.put_nowait, query.top_k)
@@ -202,8 +186,9 @@ async def create_query(request: web.Request) -> web.StreamResponse:
             item = await events.get()
             if item is None:
                 break
-            await stream.send(*item)
-        await stream.send("done", {})
+            kind, data = item
+            await stream.send(data, event=kind)
+        await stream.send({}, event="done")
         await stream.response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
         pass  # the client left: the finally cancels the query (and with it its engine requests)

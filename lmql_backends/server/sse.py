@@ -1,4 +1,4 @@
-"""Server-sent events: the answer of a streamed completion, one JSON object per event, then ``[DONE]``."""
+"""Server-sent events: a streamed answer, one JSON object per event (streamed completions end with ``[DONE]``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import contextlib
 import orjson
 from aiohttp import web
 
-from ..http import is_disconnected
+from .http import is_disconnected
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+#: X-Accel-Buffering: proxies such as nginx pass each event on as it comes
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class EventStream:
@@ -23,11 +24,12 @@ class EventStream:
         """Send the headers."""
         await self.response.prepare(self.request)
 
-    async def send(self, data: dict) -> None:
-        """Write one SSE frame; raise ConnectionResetError when the client is gone."""
+    async def send(self, data: dict, event: str | None = None) -> None:
+        """Write one SSE frame (named `event` if given); raise ConnectionResetError when the client is gone."""
         if is_disconnected(self.request):
             raise ConnectionResetError("the client closed the connection")
-        await self.response.write(b"data: " + orjson.dumps(data) + b"\n\n")
+        name = b"" if event is None else b"event: " + event.encode() + b"\n"
+        await self.response.write(name + b"data: " + orjson.dumps(data) + b"\n\n")
 
     async def close(self) -> None:
         """Send ``[DONE]`` and end the body (quietly, if the client is gone)."""
