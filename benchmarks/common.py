@@ -559,3 +559,39 @@ def run_standalone(run: Callable[[BenchContext], Awaitable[list[Figure]]], args)
             context.servers.close()
         print(describe_load("at end"))
         print_figures(figures)
+
+
+# ---- comparisons with a peer installed in a throwaway venv (LMQL 0.0.6.3, LMQL 0.7.3) -------------
+
+class LmqlBenchError(RuntimeError):
+    """A comparison with a peer could not run; the message says which step failed and why."""
+
+
+@dataclasses.dataclass
+class Deadline:
+    """The time left of a whole comparison (`what`, e.g. "the LMQL 0.7.3 comparison")."""
+
+    end: float
+    what: str
+    limit: float
+
+    @classmethod
+    def after(cls, seconds: float, what: str) -> "Deadline":
+        return cls(time.monotonic() + seconds, what, seconds)
+
+    def seconds_left(self, step: str) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise LmqlBenchError(f"{self.what} ran out of its {self.limit:.0f} s before: {step}")
+        return left
+
+
+def run_step(step: str, command: list[str], deadline: Deadline, env: dict | None = None) -> str:
+    """Run `command` within the deadline; its stdout, or LmqlBenchError with its output."""
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=deadline.seconds_left(step))
+    except subprocess.TimeoutExpired:
+        raise LmqlBenchError(f"{step}: no result within the {deadline.limit:.0f} s limit") from None
+    if out.returncode != 0:
+        raise LmqlBenchError(f"{step} failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
+    return out.stdout

@@ -22,7 +22,6 @@ into the temporary directory while LMQL runs, so its tokenizer cache and query f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -35,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from common import (
+    Deadline, LmqlBenchError, run_step,
     LOOPBACK, BenchContext, BenchModel, Figure, ServerPool, Settings, at_least, free_port, median, set_threads,
 )
 
@@ -77,40 +77,6 @@ async def main():
 asyncio.run(main())
 '''
 
-
-class LmqlBenchError(RuntimeError):
-    """The LMQL 0.0.6.3 comparison could not run; the message says which step failed and why."""
-
-
-@dataclasses.dataclass
-class Deadline:
-    """The time left of the whole comparison."""
-
-    end: float
-
-    @classmethod
-    def after(cls, seconds: float) -> "Deadline":
-        return cls(time.monotonic() + seconds)
-
-    def seconds_left(self, step: str) -> float:
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise LmqlBenchError(f"the LMQL 0.0.6.3 comparison ran out of its {TIME_LIMIT_SECONDS} s before: {step}")
-        return left
-
-
-def run_step(step: str, command: list[str], deadline: Deadline, env: dict | None = None) -> str:
-    """Run `command` within the deadline; its stdout, or LmqlBenchError with its output."""
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=deadline.seconds_left(step))
-    except subprocess.TimeoutExpired:
-        raise LmqlBenchError(f"{step}: no result within the {TIME_LIMIT_SECONDS} s limit") from None
-    if out.returncode != 0:
-        raise LmqlBenchError(f"{step} failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    return out.stdout
-
-
-# ---- the throwaway venv ----------------------------------------------------------------------------
 
 def make_venv(root: Path, deadline: Deadline) -> Path:
     """A venv with LMQL 0.0.6.3 and its pins; returns its python."""
@@ -251,7 +217,7 @@ def time_both(python: Path, server: OriginalServer, model_dir: str, context: Ben
 
 def compare(context: BenchContext) -> list[Figure]:
     """Install LMQL 0.0.6.3, time both paths in turn, and return the figure."""
-    deadline = Deadline.after(TIME_LIMIT_SECONDS)
+    deadline = Deadline.after(TIME_LIMIT_SECONDS, "the LMQL 0.0.6.3 comparison")
     with tempfile.TemporaryDirectory(prefix="lmql-0063-") as tmp:
         root = Path(tmp)
         python = make_venv(root / "venv", deadline)

@@ -23,7 +23,6 @@ its server recomputes the whole prompt for each) >= 5; 16-token prompt, ``len(TO
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 from common import (
+    Deadline, LmqlBenchError, run_step,
     GPT2_SMALL_LABEL, LOOPBACK, PROMPT_TEXT, TINY_LABEL, Figure, ServerProcess, at_least, build_gpt2_small_dir,
     describe_load, free_port, median, print_figures, set_threads,
 )
@@ -125,31 +125,6 @@ async def main():
 
 asyncio.run(main())
 '''
-
-
-class LmqlBenchError(RuntimeError):
-    """The LMQL 0.7.3 comparison could not run; the message says which step failed and why."""
-
-
-@dataclasses.dataclass
-class Deadline:
-    end: float
-
-    def seconds_left(self, step: str) -> float:
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise LmqlBenchError(f"the LMQL 0.7.3 comparison ran out of its {TIME_LIMIT_SECONDS} s before: {step}")
-        return left
-
-
-def run_step(step: str, command: list[str], deadline: Deadline, env: dict | None = None) -> str:
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=deadline.seconds_left(step))
-    except subprocess.TimeoutExpired:
-        raise LmqlBenchError(f"{step}: no result within the {TIME_LIMIT_SECONDS} s limit") from None
-    if out.returncode != 0:
-        raise LmqlBenchError(f"{step} failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-    return out.stdout
 
 
 def make_venv(root: Path, deadline: Deadline) -> Path:
@@ -263,7 +238,7 @@ def compare_model(label: str, model_dir: str, queries: dict[str, str], targets: 
 
 
 def run(args) -> int:
-    deadline = Deadline(time.monotonic() + TIME_LIMIT_SECONDS)
+    deadline = Deadline.after(TIME_LIMIT_SECONDS, "the LMQL 0.7.3 comparison")
     repetitions = 1 if args.quick else 3
     with tempfile.TemporaryDirectory(prefix="lmql-073-") as tmp:
         root = Path(tmp)

@@ -30,7 +30,7 @@ from ..errors import InvalidRequestError, QuerySyntaxError
 from .calls import WHERE_CALL_FUNCTION, CallTransformer, await_where_calls
 from .decorators import DecoratorChain, ProgramState, as_decorator, message
 from .expression import DistributionClause, Expression, make_expression, parse_expression
-from .qstrings import ARGUMENTS_FUNCTION, Hole, Interpolation, Template, Text, is_query_string, parse_template, render_interpolation
+from .qstrings import Hole, Template, Text, is_query_string, parse_template, render_interpolation
 
 PROMPT_FUNCTION = "__lmql_prompt__"
 QUERY_FUNCTION = "__lmql_query__"
