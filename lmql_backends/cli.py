@@ -45,8 +45,6 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--legacy", action="store_true", help="serve the legacy LMQL 0.0.6.x API")
-    serve.add_argument("--no-lookahead", dest="lookahead", action="store_false",
-                       help="legacy API: do not compute the likeliest next forward while the client chooses")
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine in a process of its own, or (--no-engine-process) in a thread of the "
                             "server process (default: a process for the new API, a thread for --legacy)")
@@ -164,7 +162,7 @@ def serve_model(args, extra: list[str]) -> None:
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,
         upstream=make_upstream_config(args), max_logprobs=args.max_logprobs,
         served_model_names=tuple(args.served_model_name), engine=engine, max_body_bytes=args.max_body_bytes,
-        drain_seconds=args.drain_seconds, legacy_lookahead=args.lookahead, engine_process=args.engine_process,
+        drain_seconds=args.drain_seconds, engine_process=args.engine_process,
         chat_template=args.chat_template, trust_request_chat_template=args.trust_request_chat_template,
         playground=args.playground,
         cuda=args.cuda,

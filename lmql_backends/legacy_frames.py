@@ -4,7 +4,7 @@ message of the WebSocket channel (a forward's logits, exact and compact).
 Layout of the binary message: a 4-byte little-endian length, that many bytes of JSON header (the
 result object without its values, plus ``"field"`` naming the values' field and their
 ``"shape"``), then the float32 values, little-endian, row after row. Written by the server
-(``server/legacy/socket.py``) and read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 16.
+(``server/legacy/socket.py``) and read by ``LegacyClient``; see ``legacy/PROTOCOL.md``, extension 15.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy
 import orjson
 
 HEADER_LENGTH = struct.Struct("<I")
-#: on /queue answers: the server's channel takes ``input_ids_after`` (extension 17)
+#: on /queue answers: the server's channel takes ``input_ids_after`` (extension 16)
 APPEND_HEADER = "X-Input-Ids-After"
 #: a forward's field on the channel: its input_ids follow the row of this earlier sample_id
 AFTER_FIELD = "input_ids_after"

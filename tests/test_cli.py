@@ -135,18 +135,16 @@ def metric_values(port: int) -> dict[str, float]:
 
 
 @pytest.mark.timeout(180)
-def test_threads_model_impl_matmul_and_no_lookahead_flags_reach_the_server(serve_model):
-    port, process = serve_model("--legacy", "--threads", "3", "--no-lookahead", "--model-impl", "transformers")
+def test_threads_model_impl_and_matmul_flags_reach_the_server(serve_model):
+    port, process = serve_model("--legacy", "--threads", "3", "--model-impl", "transformers")
     deadline = time.monotonic() + 30
     while metric_values(port)["lmql_backends_num_threads"] == 0 and time.monotonic() < deadline:
         time.sleep(0.1)  # set by the engine thread as it starts
     metrics = metric_values(port)
     assert metrics["lmql_backends_num_threads"] == 3
     assert metrics["lmql_backends_is_native_forward"] == 0
-    assert not any(name.startswith("lmql_backends_legacy_lookahead_") for name in metrics)
     other_port, other = serve_model("--legacy", "--matmul", "onednn")
     other_metrics = metric_values(other_port)
-    assert "lmql_backends_legacy_lookahead_hits" in other_metrics
     assert other_metrics["lmql_backends_is_native_forward"] == 1
     assert other_metrics["lmql_backends_num_onednn_linears"] == 4 * 4 + 1  # 4 per block and the LM head
     for server in (process, other):

@@ -12,7 +12,7 @@ Against an lmql-backends server (``X-Inline-Wait: 1`` on its /queue answers) a P
 its own result (``/queue?wait=SECONDS``), one HTTP request per token instead of two; and once a
 /queue answer names the server's WebSocket channel (``X-Queue-Socket``), the same actions and
 results travel over it instead (logits as binary float32), far cheaper than a request per token
-(``legacy/PROTOCOL.md``, extensions 14 and 16).
+(``legacy/PROTOCOL.md``, extensions 14 and 15).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Channel:
     reader: asyncio.Task | None = None
     sample_ids: set[int] = dataclasses.field(default_factory=set)
     #: the row of the last forward answered on this channel and its sample_id (what the next
-    #: forward's ``input_ids_after`` names, extension 17)
+    #: forward's ``input_ids_after`` names, extension 16)
     last_row: list[int] | None = None
     last_sample_id: int | None = None
 

@@ -141,11 +141,10 @@ class Engine(OutputStreams):
         self._cancel_all()  # requests that raced with stop() are cancelled, never left hanging
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None], is_counted: bool = True) -> None:
+    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
         """Enqueue `request`, which its caller validated (see `check_request`); its outputs are passed
-        to `emit` (any thread). OverloadedError when the engine is at capacity; a request with
-        ``is_counted=False`` (work nobody asked for yet) neither needs nor takes a slot."""
-        self._enqueue(Sequence(request, emit, is_counted=is_counted), is_checked=False)
+        to `emit` (any thread). OverloadedError when the engine is at capacity."""
+        self._enqueue(Sequence(request, emit), is_checked=False)
 
     def submit_checked(self, request: Request, emit: Callable[[Output], None]) -> None:
         """Enqueue a request its caller has validated and counted against the capacity (the engine
@@ -155,11 +154,10 @@ class Engine(OutputStreams):
     def _enqueue(self, seq: Sequence, is_checked: bool) -> None:
         if self._stopped.is_set():
             raise RequestCancelledError("the engine is shutting down")
-        if seq.is_counted:
-            with self._pending_lock:
-                if not is_checked:
-                    check_capacity(self._num_pending, self.config)
-                self._num_pending += 1
+        with self._pending_lock:
+            if not is_checked:
+                check_capacity(self._num_pending, self.config)
+            self._num_pending += 1
         self.start()
         self._inbox.put(("add", seq))
 
@@ -343,9 +341,8 @@ class Engine(OutputStreams):
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.retire(seq)
-        if seq.is_counted:
-            with self._pending_lock:
-                self._num_pending -= 1
+        with self._pending_lock:
+            self._num_pending -= 1
         if not seq.is_aborted and seq.kv is not None and self.config.use_prefix_cache:
             self.cache.insert(seq.ids[:seq.num_computed], seq.kv)
         seq.kv = None

@@ -2,9 +2,7 @@
 
 A lookup returns the KV of the longest stored prefix of the asked ids. Stored sequences are
 indexed by chained hashes of their full 16-token blocks (as in vLLM); the match is then
-extended token by token inside the best entry, so any prefix length can hit. A lookup of a
-stored sequence itself (the legacy protocol's next token: the sequence just run plus one) is
-found by one dictionary access on the ids, without hashing blocks. The KV of a
+extended token by token inside the best entry, so any prefix length can hit. The KV of a
 prefix of a stored sequence is a slice of that sequence's KV, so storing a sequence that
 extends an entry replaces the entry. Memory is bounded by `max_tokens` (least recently used
 entries are evicted). Stored columns are never rewritten (see runner.py: only the KV ending at
@@ -36,11 +34,10 @@ class CacheHit:
     kv: KVCache | None
 
 
-def block_hashes(ids, known: tuple[int, ...] = ()) -> list[int]:
-    """Chained hashes of the full blocks of `ids` (each hash covers the whole prefix); `known`:
-    those of its first blocks, already computed (not recomputed)."""
-    hashes, previous = list(known), known[-1] if known else 0
-    for b in range(len(known), len(ids) // BLOCK_SIZE):
+def block_hashes(ids) -> list[int]:
+    """Chained hashes of the full blocks of `ids` (each hash covers the whole prefix)."""
+    hashes, previous = [], 0
+    for b in range(len(ids) // BLOCK_SIZE):
         previous = hash((previous, tuple(ids[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE])))
         hashes.append(previous)
     return hashes
@@ -88,7 +85,6 @@ class PrefixCache:
         self.by_block: dict[int, set[int]] = collections.defaultdict(set)
         self.by_first_token: dict[int, set[int]] = collections.defaultdict(set)
         self.short_by_first_token: dict[int, set[int]] = collections.defaultdict(set)  # < one block
-        self.by_ids: dict[tuple[int, ...], int] = {}  # no two entries hold the same ids (see insert)
         self.num_tokens = 0
         self.num_lookups = self.num_hits = self.num_hit_tokens = self.num_lookup_tokens = 0
         self._keys = itertools.count()
@@ -97,8 +93,7 @@ class PrefixCache:
         """KV of the longest stored prefix of ids[:max_length] (sliced views, read only)."""
         self.num_lookups += 1
         self.num_lookup_tokens += len(ids)
-        key = self.by_ids.get(tuple(ids[:max_length]))
-        key, length = (key, max_length) if key is not None else self._best_match(ids, max_length)
+        key, length = self._best_match(ids, max_length)
         if key is None or length == 0:
             return CacheHit(0, None)
         self.entries.move_to_end(key)
@@ -110,8 +105,7 @@ class PrefixCache:
         """The entry sharing the longest prefix with ids[:max_length]; on a tie, one that ends there.
 
         An entry matched to its full length can grow in place (see `insert`): preferring it
-        keeps a re-run of a cached sequence from copying its past for every token. (An entry that
-        is ids[:max_length] itself ranks first; `lookup` finds it through `by_ids` instead.)
+        keeps a re-run of a cached sequence from copying its past for every token.
         """
         best_key, best_rank = None, (0, False)
         for key, start in self._candidates(ids, max_length):
@@ -166,7 +160,7 @@ class PrefixCache:
         ids = tuple(ids)
         if len(ids) == 0 or len(ids) > self.max_tokens:
             return
-        hashes = tuple(block_hashes(ids, self._known_hashes(ids)))
+        hashes = tuple(block_hashes(ids))
         prefixes = []
         for key, start in self._overlapping(ids, hashes):
             entry = self.entries[key]
@@ -182,12 +176,6 @@ class PrefixCache:
         self._store(CacheEntry(ids, detach_kv(kv), hashes), prefixes)
         self._evict()
 
-    def _known_hashes(self, ids: tuple[int, ...]) -> tuple[int, ...]:
-        """The block hashes of the entry holding ids[:-1], if any (the legacy protocol's usual case:
-        the sequence just run plus one token): the first blocks of `ids`, hashed once already."""
-        key = self.by_ids.get(ids[:-1])
-        return () if key is None else self.entries[key].block_hashes
-
     def _store(self, entry: CacheEntry, prefixes: list[int]) -> None:
         """Add `entry` in place of the stored entries that are prefixes of it (the longest keeps its key)."""
         prefixes.sort(key=lambda key: len(self.entries[key].ids))
@@ -201,13 +189,11 @@ class PrefixCache:
     def _replace(self, key: int, entry: CacheEntry) -> None:
         """Put `entry` under the key of its stored prefix: only its new blocks join the index."""
         old = self.entries.pop(key)
-        del self.by_ids[old.ids]
         if len(old.ids) < BLOCK_SIZE <= len(entry.ids):
             self._discard(self.short_by_first_token, old.ids[0], key)
         for h in entry.block_hashes[len(old.block_hashes):]:
             self.by_block[h].add(key)
         self.entries[key] = entry
-        self.by_ids[entry.ids] = key
         self.num_tokens += len(entry.ids) - len(old.ids)
 
     def _add(self, entry: CacheEntry) -> None:
@@ -218,7 +204,6 @@ class PrefixCache:
         self.by_first_token[entry.ids[0]].add(key)
         if len(entry.ids) < BLOCK_SIZE:
             self.short_by_first_token[entry.ids[0]].add(key)
-        self.by_ids[entry.ids] = key
         self.num_tokens += len(entry.ids)
 
     def _remove(self, key: int) -> None:
@@ -228,7 +213,6 @@ class PrefixCache:
         self._discard(self.by_first_token, entry.ids[0], key)
         if len(entry.ids) < BLOCK_SIZE:
             self._discard(self.short_by_first_token, entry.ids[0], key)
-        del self.by_ids[entry.ids]
         self.num_tokens -= len(entry.ids)
 
     @staticmethod

@@ -41,7 +41,7 @@ class EngineProcess(OutputStreams):
         self.config = config
         self.loaded: LoadedModel | None = None  # set by wait_loaded
         self._mailboxes = Mailboxes()
-        self._consumers: dict[str, tuple[Callable[[Output], None], bool]] = {}
+        self._consumers: dict[str, Callable[[Output], None]] = {}
         self._unsent: list[Request] = []  # submitted in this event-loop iteration, sent at its end
         self._lock = threading.Lock()
         self._num_pending = 0
@@ -105,19 +105,17 @@ class EngineProcess(OutputStreams):
         self._channel.close()
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None], is_counted: bool = True) -> None:
+    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
         """Count `request` (validated by the caller, see `check_request`) against the capacity here
-        and send it to the engine process; outputs go to `emit` (reader thread). ``is_counted=False``:
-        work nobody asked for yet, which neither needs nor takes a slot."""
+        and send it to the engine process; outputs go to `emit` (reader thread)."""
         if self._is_stopping:
             raise RequestCancelledError("the engine is shutting down")
         if self._process.poll() is not None:
             raise self._gone_error()
         with self._lock:
-            if is_counted:
-                check_capacity(self._num_pending, self.config)
-                self._num_pending += 1
-            self._consumers[request.request_id] = (emit, is_counted)
+            check_capacity(self._num_pending, self.config)
+            self._num_pending += 1
+            self._consumers[request.request_id] = emit
             self._unsent.append(request)
             is_first = len(self._unsent) == 1
         if is_first:
@@ -145,7 +143,7 @@ class EngineProcess(OutputStreams):
     def _fail_unsent(self, request_id: str) -> None:
         consumer = self._consumers.get(request_id)
         if consumer is not None and self._forget(request_id):
-            consumer[0](ErrorOutput(self._gone_error()))
+            consumer(ErrorOutput(self._gone_error()))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its consumer went away); nothing more reaches its `emit`."""
@@ -166,7 +164,7 @@ class EngineProcess(OutputStreams):
         """Drop a request's consumer and its slot; whether it was still there."""
         with self._lock:
             consumer = self._consumers.pop(request_id, None)
-            if consumer is not None and consumer[1]:
+            if consumer is not None:
                 self._num_pending -= 1
         return consumer is not None
 
@@ -222,7 +220,7 @@ class EngineProcess(OutputStreams):
         if output.finish_reason is not None:
             self._forget(request_id)
         try:
-            consumer[0](output)
+            consumer(output)
         except Exception:  # one broken consumer must not stop the outputs of the others
             log.exception("could not deliver an output of request %s; aborting it", request_id)
             self.abort(request_id)
@@ -236,7 +234,7 @@ class EngineProcess(OutputStreams):
         error = self._gone_error()
         with self._lock:
             consumers, self._consumers, self._num_pending = list(self._consumers.values()), {}, 0
-        for emit, _ in consumers:
+        for emit in consumers:
             emit(ErrorOutput(error))
 
     def _wait_exit_code(self) -> None:

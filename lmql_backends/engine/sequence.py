@@ -79,8 +79,6 @@ class Sequence:
 
     request: Request
     emit: Callable[[Any], None]
-    #: whether it takes one of the engine's slots (False: work nobody asked for yet, never a 429)
-    is_counted: bool = True
     ids: list[int] = dataclasses.field(default_factory=list)
     kv: KVCache | None = None
     num_computed: int = 0

@@ -19,7 +19,7 @@ class OutputStreams:
 
     _mailboxes: Mailboxes
 
-    def submit(self, request: Request, emit: Callable[[Output], None], is_counted: bool = True) -> None:
+    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
         raise NotImplementedError
 
     def abort(self, request_id: str) -> None:

@@ -108,7 +108,7 @@ class UpstreamEngine(OutputStreams):
         self._mailboxes = Mailboxes()
         self._lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task] = {}
-        self._consumers: dict[str, tuple[Callable[[Output], None], bool]] = {}
+        self._consumers: dict[str, Callable[[Output], None]] = {}
         self._num_pending = 0
         self._is_stopped = False
         self._counters = collections.Counter()
@@ -144,7 +144,7 @@ class UpstreamEngine(OutputStreams):
         self._is_stopped = True
         with self._lock:
             consumers, self._consumers, self._num_pending = list(self._consumers.values()), {}, 0
-        for emit, _ in consumers:
+        for emit in consumers:
             emit(ErrorOutput(RequestCancelledError("the engine stopped")))
         if self._loop.is_closed():
             return
@@ -170,18 +170,16 @@ class UpstreamEngine(OutputStreams):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # ---- requests --------------------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Output], None], is_counted: bool = True) -> None:
+    def submit(self, request: Request, emit: Callable[[Output], None]) -> None:
         """Start `request`'s upstream call (the boundary checked its ids and length; what only an
-        upstream cannot do is refused here); outputs go to `emit` (the engine's loop thread).
-        ``is_counted=False``: a speculative request, which takes no slot."""
+        upstream cannot do is refused here); outputs go to `emit` (the engine's loop thread)."""
         self.check_upstream_can_run(request)
         if self._is_stopped:
             raise RequestCancelledError("the engine is shutting down")
         with self._lock:
-            if is_counted:
-                check_capacity(self._num_pending, self.config)
-                self._num_pending += 1
-            self._consumers[request.request_id] = (emit, not is_counted)
+            check_capacity(self._num_pending, self.config)
+            self._num_pending += 1
+            self._consumers[request.request_id] = emit
         self._loop.call_soon_threadsafe(self._start, request)
 
     def abort(self, request_id: str) -> None:
@@ -194,7 +192,7 @@ class UpstreamEngine(OutputStreams):
         """Drop a request's consumer and its slot; whether it was still there."""
         with self._lock:
             consumer = self._consumers.pop(request_id, None)
-            if consumer is not None and not consumer[1]:
+            if consumer is not None:
                 self._num_pending -= 1
         return consumer is not None
 
@@ -259,7 +257,7 @@ class UpstreamEngine(OutputStreams):
         if output.finish_reason is not None:
             self._forget(request.request_id)
         try:
-            consumer[0](output)
+            consumer(output)
         except Exception:  # one broken consumer must not stop the others
             log.exception("could not deliver an output of request %s; aborting it", request.request_id)
             self.abort(request.request_id)

@@ -183,7 +183,7 @@ def serve(
     model: str, *, host: str = "127.0.0.1", port: int = 8080, legacy: bool = False,
     background: bool = False, api_key: str | None = None, served_model_names: tuple[str, ...] = (),
     engine: EngineConfig = EngineConfig(), max_body_bytes: int = ServerConfig.max_body_bytes,
-    drain_seconds: float = ServerConfig.drain_seconds, legacy_lookahead: bool = True, engine_process: bool | None = None,
+    drain_seconds: float = ServerConfig.drain_seconds, engine_process: bool | None = None,
     chat_template: str | None = None, trust_request_chat_template: bool = False, playground: bool = False,
     upstream: str | UpstreamConfig | None = None, max_logprobs: int = ServerConfig.max_logprobs, **load_kwargs,
 ) -> ServerHandle | None:
@@ -192,11 +192,10 @@ def serve(
     Blocks until interrupted (SIGINT/SIGTERM: stop accepting, let running requests finish for
     up to `drain_seconds`, cancel the rest, return); with ``background=True`` returns a started
     `ServerHandle` (``port=0`` picks a free port, read it from ``handle.port``). Bodies over
-    `max_body_bytes` are refused with 413. ``legacy_lookahead=False`` turns off the legacy API's
-    lookahead (computing the likeliest next forward while the client chooses). ``engine_process``:
-    run the engine in a process of its own (True) or in a thread of this process, sharing its GIL
-    with the HTTP work (False); by default a process for the new API and a thread for the legacy
-    API, whose clients wait for one round trip per token. ``chat_template``: the Jinja chat template of
+    `max_body_bytes` are refused with 413. ``engine_process``: run the engine in a process of its
+    own (True) or in a thread of this process, sharing its GIL with the HTTP work (False); by
+    default a process for the new API and a thread for the legacy API, whose clients wait for one
+    round trip per token. ``chat_template``: the Jinja chat template of
     ``/v1/chat/completions`` (a file path or the template text) for a model whose tokenizer has none
     or a wrong one; ``trust_request_chat_template=True`` lets requests send their own.
     ``playground=True`` lets the playground (``/playground``, ``POST /v1/queries``) run queries,
@@ -209,7 +208,7 @@ def serve(
     """
     config = ServerConfig(
         host, port, legacy, tuple(served_model_names), api_key or os.environ.get(API_KEY_ENV),
-        max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine, legacy_lookahead=legacy_lookahead,
+        max_body_bytes=max_body_bytes, drain_seconds=drain_seconds, engine=engine,
         engine_process=engine_process, chat_template=read_chat_template(chat_template, legacy),
         trust_request_chat_template=trust_request_chat_template, playground=playground,
         upstream=UpstreamConfig(upstream) if isinstance(upstream, str) else upstream, max_logprobs=max_logprobs,

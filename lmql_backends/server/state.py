@@ -32,7 +32,6 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20
     drain_seconds: float = 5.0
     engine: EngineConfig = EngineConfig()
-    legacy_lookahead: bool = True
     #: run the engine in a process of its own (engine/process.py) or in a thread of this one;
     #: None: a process for the new API (many streams), a thread for the legacy API (one round trip per token)
     engine_process: bool | None = None

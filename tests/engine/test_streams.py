@@ -25,7 +25,7 @@ class ScriptedEngine(OutputStreams):
         self.script = script
         self.aborted: list[str] = []
 
-    def submit(self, request: Request, emit, is_counted: bool = True) -> None:
+    def submit(self, request: Request, emit) -> None:
         threading.Thread(target=lambda: [emit(out) for out in self.script]).start()
 
     def abort(self, request_id: str) -> None:

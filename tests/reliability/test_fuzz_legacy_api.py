@@ -203,5 +203,5 @@ def test_after_the_fuzzing_a_forward_is_exactly_right(server):
         expected = load_model(MODEL).model(torch.tensor([ids])).logits[0, -1]
     logits = torch.tensor(legacy_forward_logits(server, ids))
     assert torch.allclose(logits, expected, atol=1e-4)
-    engine = server.state.engine  # idle once the lookahead started after that forward is done
+    engine = server.state.engine
     assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0, seconds=10)

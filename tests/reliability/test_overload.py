@@ -101,7 +101,7 @@ def test_openai_client_reports_a_full_server_as_a_429(new_server):
 
 def occupy(engine) -> list[Request]:
     """Fill every slot of the engine (running and queued) with long generations."""
-    # an earlier test's requests (or a legacy lookahead) may still be finishing: start from an idle engine
+    # an earlier test's requests may still be finishing: start from an idle engine
     assert wait_until(lambda: engine.num_pending == 0, seconds=10)
     capacity = engine.config.max_num_seqs + engine.config.max_queue
     blockers = [Request([0, 1], 1000, SamplingParams(temperature=0)) for _ in range(capacity)]

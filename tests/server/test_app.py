@@ -27,15 +27,15 @@ def test_the_legacy_api_gets_its_routes_and_none_of_the_new_ones(legacy_server):
     assert not {p for p in paths if "completions" in p or "models" in p}
 
 
-def test_metrics_are_prometheus_gauges_with_the_protocols_own_counters(legacy_server):
+def test_metrics_are_prometheus_gauges(legacy_server):
     text = requests.get(f"http://{legacy_server.endpoint}/metrics", timeout=30).text
     names = [line.split()[0] for line in text.splitlines() if not line.startswith("#")]
-    assert "lmql_backends_num_running" in names and "lmql_backends_legacy_lookahead_started" in names
+    assert "lmql_backends_num_running" in names and "lmql_backends_num_cached_prompt_tokens" in names
     assert all(f"# TYPE {name} gauge" in text for name in names)
 
 
 def test_health_answers_ok_while_the_engine_runs_and_503_once_it_stopped(tiny_model):
-    handle = serve(tiny_model, port=0, legacy=True, background=True, legacy_lookahead=False)
+    handle = serve(tiny_model, port=0, legacy=True, background=True)
     try:
         url = f"http://{handle.endpoint}/health"
         assert requests.get(url, timeout=30).json() == {"status": "ok", "model": tiny_model}

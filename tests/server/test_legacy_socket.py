@@ -1,4 +1,4 @@
-"""The legacy API's WebSocket channel (extension 16): the same actions and results as /queue, one connection."""
+"""The legacy API's WebSocket channel (extension 15): the same actions and results as /queue, one connection."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ async def test_shutdown_closes_open_channels(tiny_model):
     assert socket.close_code == aiohttp.WSCloseCode.GOING_AWAY
 
 
-# ---- input_ids_after (extension 17): only the new ids of a sequence ----------------------------------
+# ---- input_ids_after (extension 16): only the new ids of a sequence ----------------------------------
 
 
 async def forward_over(channel, body: dict):

@@ -6,8 +6,8 @@ work then runs in the background (forwards through the shared engine, so they ar
 and batched with everything else) and its result waits in a per-client store until the client
 collects it. Every accepted sample gets exactly one result:
 the answer, or an error result (an extension) when the engine fails later. Our extensions
-beyond validation and robustness (the result in the ``/queue`` answer, the lookahead,
-``input_ids_after``) live in extensions.py; the WebSocket channel in socket.py.
+beyond validation and robustness (the result in the ``/queue`` answer, ``input_ids_after``)
+live in extensions.py; the WebSocket channel in socket.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import logging
 from typing import Any, Callable, Coroutine
@@ -39,7 +38,6 @@ from .jobs import (
     BAD_REQUEST_TEXT, Deliver, DetokenizeJob, ForwardJob, Job, JobResult, LogitRows, MalformedFieldError, Sample,
     TokenizeJob,
 )
-from .lookahead import Lookahead
 from .store import ResultStore
 
 log = logging.getLogger("lmql_backends.server.legacy")
@@ -57,7 +55,6 @@ class LegacyState:
 
     store: ResultStore
     tokenizer_pool: concurrent.futures.ThreadPoolExecutor
-    lookahead: Lookahead | None = None
     tasks: set = dataclasses.field(default_factory=set)
     sockets: set = dataclasses.field(default_factory=set)
 
@@ -72,8 +69,6 @@ async def stop_jobs(app: web.Application) -> None:
         task.cancel()
     await asyncio.gather(*legacy.tasks, return_exceptions=True)
     await close_sockets(legacy.sockets)
-    if legacy.lookahead is not None:
-        await legacy.lookahead.close()
     legacy.tokenizer_pool.shutdown(wait=False)
 
 
@@ -150,7 +145,7 @@ def parse_payload(body: bytes | str) -> dict:
 
 
 def parse_job(payload: dict, request: web.Request, base: tuple[int, ...] | None = None) -> Job:
-    """The typed job of an action. `base`: the row its ``input_ids_after`` names (extension 17),
+    """The typed job of an action. `base`: the row its ``input_ids_after`` names (extension 16),
     resolved by the WebSocket channel; None where the field is not accepted (``POST /queue``)."""
     action = payload["action"]
     parse = ACTION_PARSERS.get(action) if isinstance(action, str) else None
@@ -162,7 +157,7 @@ def parse_job(payload: dict, request: web.Request, base: tuple[int, ...] | None 
 
 def parse_forward(payload: dict, request: web.Request, base: tuple[int, ...] = ()) -> ForwardJob:
     """Fields in the order the original server read them (so the same error wins). `base`: a
-    checked row that the one row of `input_ids` follows (extension 17): only new ids are checked."""
+    checked row that the one row of `input_ids` follows (extension 16): only new ids are checked."""
     state = get_state(request)
     input_ids = require(payload, "input_ids")
     mask = payload.get("attention_mask")
@@ -330,12 +325,11 @@ class RowForward:
     outputs: asyncio.Queue
 
     @classmethod
-    def submit(cls, engine, ids: list[int], is_counted: bool = True) -> "RowForward":
-        """Submit a checked row now: OverloadedError (or RequestCancelledError) is raised here, not
-        later. ``is_counted=False`` for a lookahead, which takes no slot of the engine."""
+    def submit(cls, engine, ids: list[int]) -> "RowForward":
+        """Submit a checked row now: OverloadedError (or RequestCancelledError) is raised here, not later."""
         row = cls(engine, Request(ids, return_logits=True), asyncio.Queue())
         emit = engine.emitter(asyncio.get_running_loop(), row.outputs.put_nowait, row.request.request_id)
-        engine.submit(row.request, emit, is_counted=is_counted)
+        engine.submit(row.request, emit)
         return row
 
     async def next_token_logits(self) -> torch.Tensor:
@@ -368,54 +362,23 @@ def submit_rows(engine, rows: tuple[tuple[int, ...], ...]) -> list[RowForward]:
 
 
 def begin_forward(app: web.Application, job: ForwardJob) -> Coroutine[Any, Any, JobResult]:
-    """Take the rows' lookaheads and submit the other rows now; overload raises (429), any other
-    refusal becomes the sample's error result."""
-    engine, lookahead = app[STATE].engine, app[LEGACY].lookahead
-    client = job.sample.client_key
-    ready = extensions.take_lookaheads(lookahead, client, job.rows)
+    """Submit the rows now; overload raises (429), any other refusal becomes the sample's error result."""
     try:
-        submitted = iter(submit_rows(engine, tuple(row for row, task in zip(job.rows, ready) if task is None)))
+        submitted = submit_rows(app[STATE].engine, job.rows)
+    except OverloadedError:
+        raise
     except Exception as exc:
-        for task in filter(None, ready):
-            task.cancel()
-        if isinstance(exc, OverloadedError):
-            raise
         return raise_later(exc)  # e.g. the engine is stopping: the sample is accepted and gets an error result
-    waits = [
-        row_logits_of(engine, row, task) if task is not None else next(submitted).next_token_logits()
-        for row, task in zip(job.rows, ready)
-    ]
-    return run_forward(app, job, waits)
+    return run_forward(job, [row.next_token_logits() for row in submitted])
 
 
 async def raise_later(exc: Exception) -> JobResult:
     raise exc
 
 
-async def row_logits_of(engine, row: tuple[int, ...], lookahead: asyncio.Task) -> torch.Tensor:
-    """The logits a lookahead computed for `row`; if it failed, the row's own forward."""
-    try:
-        return await lookahead
-    except Exception:
-        return await forward_row(engine, list(row))
-
-
-async def run_forward(app: web.Application, job: ForwardJob, waits: list) -> JobResult:
+async def run_forward(job: ForwardJob, waits: list) -> JobResult:
     logits = await asyncio.gather(*waits)
-    speculate = functools.partial(start_forward, app[STATE].engine, is_counted=False)
-    extensions.start_lookaheads(app[LEGACY].lookahead, job.sample.client_key, job.rows, logits, speculate)
     return JobResult("next_token_logits", LogitRows(tuple(logits), job.is_batched))
-
-
-def start_forward(engine, ids: list[int], is_counted: bool = True) -> asyncio.Task:
-    """Submit `ids` now, before the caller's next await (a lookahead then starts before the answer
-    it follows is sent); the task of its raw next-token logits."""
-    return asyncio.ensure_future(RowForward.submit(engine, ids, is_counted).next_token_logits())
-
-
-async def forward_row(engine, ids: list[int]) -> torch.Tensor:
-    """The raw next-token logits of `ids` from the engine (prefix-cached, batched)."""
-    return await RowForward.submit(engine, ids).next_token_logits()
 
 
 async def run_tokenize(app: web.Application, job: TokenizeJob) -> JobResult:

@@ -1,9 +1,9 @@
 """lmql-backends' own extensions of the frozen legacy protocol (``legacy/PROTOCOL.md``, "Extensions").
 
 An original client never sees them. Here: the headers by which a client learns what this
-server offers, the result in the ``/queue`` answer (``POST /queue?wait=``, extension 14), the
-lookahead (extension 15, lookahead.py) and ``input_ids_after`` on the WebSocket channel
-(extension 17, `RowHistory`); the channel itself (extension 16) is socket.py.
+server offers, the result in the ``/queue`` answer (``POST /queue?wait=``, extension 14) and
+``input_ids_after`` on the WebSocket channel (extension 16, `RowHistory`); the channel itself
+(extension 15) is socket.py.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import asyncio
 import collections
 import json
 import math
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from ...legacy_frames import AFTER_FIELD, APPEND_HEADER, UNKNOWN_BASE_TEXT
 from .jobs import ForwardJob, MalformedFieldError, Sample
-from .lookahead import Lookahead
 from .store import ResultStore
 
 MAX_WAIT_SECONDS = 30.0
@@ -30,10 +27,10 @@ INLINE_WAIT_HEADER = "X-Inline-Wait"
 INLINE_HEADER = "X-Inline-Result"
 #: on every ``400 Bad request.``: what is wrong and how to fix it (extension 3)
 ERROR_DETAIL_HEADER = "X-Error-Detail"
-#: on every accepted /queue answer: the path of this server's WebSocket channel (extension 16)
+#: on every accepted /queue answer: the path of this server's WebSocket channel (extension 15)
 SOCKET_HEADER = "X-Queue-Socket"
 SOCKET_PATH = "/queue/socket"
-#: the headers of every accepted /queue answer (extensions 14, 16, 17)
+#: the headers of every accepted /queue answer (extensions 14, 15, 16)
 ACCEPTED_HEADERS = {INLINE_WAIT_HEADER: "1", SOCKET_HEADER: SOCKET_PATH, APPEND_HEADER: "1"}
 #: one-row forwards whose rows a channel keeps for ``input_ids_after`` (at most ~8 KB each)
 NUM_KEPT_ROWS = 1024
@@ -75,7 +72,7 @@ def with_inline_result(head: bytes, result: bytes) -> bytes:
     return head[:-1] + b', "result": ' + result + b"}"
 
 
-# ---- input_ids_after (extension 17) --------------------------------------------------------
+# ---- input_ids_after (extension 16) --------------------------------------------------------
 
 
 def resolve_after(payload: dict, base: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -126,26 +123,3 @@ class RowHistory:
             )
         return row
 
-
-# ---- lookahead (extension 15) --------------------------------------------------------------
-
-
-def make_lookahead(state) -> Lookahead | None:
-    """The server's lookahead, or None when ``--no-lookahead`` turned it off."""
-    if not state.config.legacy_lookahead:
-        return None
-    loaded = state.loaded
-    return Lookahead(state.engine, loaded.context_length, loaded.eos_token_id)
-
-
-def take_lookaheads(lookahead: Lookahead | None, client: str, rows) -> list[asyncio.Task | None]:
-    """The lookahead computed for each row (None where there is none)."""
-    return [lookahead.take(client, row) if lookahead is not None else None for row in rows]
-
-
-def start_lookaheads(lookahead: Lookahead | None, client: str, rows, logits: list[torch.Tensor],
-                     forward: Callable[[list[int]], asyncio.Task]) -> None:
-    """After a forward's answer: start the likeliest next forward of each row."""
-    if lookahead is not None:
-        for row, row_logits in zip(rows, logits):
-            lookahead.start_after(client, row, row_logits, forward)

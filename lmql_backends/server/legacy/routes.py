@@ -9,19 +9,16 @@ import concurrent.futures
 
 from aiohttp import web
 
-from ..state import METRICS_SOURCES, STATE
 from .api import LEGACY, LegacyState, handle_queue, handle_results, not_found, stop_jobs
-from .extensions import SOCKET_PATH, make_lookahead
+from .extensions import SOCKET_PATH
 from .socket import handle_socket
 from .store import ResultLimits, ResultStore
 
 
 def add_routes(app: web.Application, limits: ResultLimits = ResultLimits()) -> None:
-    """Add the legacy endpoints to `app`, with the result store and the lookahead they share."""
+    """Add the legacy endpoints to `app`, with the result store they share."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="legacy-tokenizer")
-    app[LEGACY] = LegacyState(ResultStore(limits), pool, make_lookahead(app[STATE]))
-    if app[LEGACY].lookahead is not None:
-        app[METRICS_SOURCES].append(app[LEGACY].lookahead.stats)
+    app[LEGACY] = LegacyState(ResultStore(limits), pool)
     app.router.add_post("/queue", handle_queue)
     app.router.add_get("/results/{client_id}", handle_results)
     app.router.add_get(SOCKET_PATH, handle_socket)

@@ -18,7 +18,7 @@ exactly one message back:
 A result whose channel closed before it was ready goes to ``/results`` (no sample is lost).
 
 A forward on the channel may name an earlier one-row forward of the same channel in
-``input_ids_after`` and send only the ids that follow its row (extension 17, ``RowHistory``).
+``input_ids_after`` and send only the ids that follow its row (extension 16, ``RowHistory``).
 """
 
 from __future__ import annotations

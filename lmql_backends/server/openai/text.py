@@ -9,7 +9,6 @@ the three to turn one engine request's outputs into the `ChoiceDelta`s of one ch
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import re
 
@@ -25,17 +24,7 @@ REPLACEMENT_CHAR = "\ufffd"
 
 def decode_ids(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
     """The text of `ids` exactly as tokenized (no clean-up of spaces)."""
-    if has_plain_decode(type(tokenizer)):  # straight to the Rust tokenizer: a third of the time
-        return tokenizer.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
-
-
-@functools.cache
-def has_plain_decode(tokenizer_class: type) -> bool:
-    """Whether the class decodes (without clean-up) by calling its Rust tokenizer as it is."""
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-    return issubclass(tokenizer_class, TokenizersBackend) and tokenizer_class._decode is TokenizersBackend._decode
 
 
 # ---- incremental decoding ----------------------------------------------------------------
