@@ -23,8 +23,8 @@ import torch
 
 from ..errors import ConstraintError, InvalidRequestError, QuerySyntaxError
 from .masks import (
-    Allowed, allow_all, allow_none, char_budget_mask, int_mask, intersect, model_mask, prefix_mask,
-    regex_index, text_tokens, union,
+    Allowed, allow_all, allow_none, apply_utf8_rule, char_budget_mask, int_mask, intersect, model_mask,
+    pending_char, prefix_mask, regex_index, text_tokens, union,
 )
 from .tokens import INT_PATTERN, TokenTable, count_chars
 
@@ -64,6 +64,12 @@ class Progress:
     @property
     def text(self) -> str:
         return self.value_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def pending(self) -> bytes:
+        """The unfinished last character of the value (b"" when every character is whole)."""
+        pending = pending_char(self.value_bytes)
+        return b"" if pending is None else pending
 
     def end(self, reason: str) -> "Progress":
         return dataclasses.replace(self, finish_reason=reason)
@@ -113,6 +119,14 @@ class Bound:
         """
         return None
 
+    def tokens_left(self, progress: Progress) -> int | None:
+        """How many more tokens the constraint lets the value have (None: no limit)."""
+        return None
+
+    def describe(self, variable: str) -> str:
+        """The constraint as written in a where clause (for error messages)."""
+        return "a condition"
+
 
 @dataclasses.dataclass(frozen=True)
 class Constant(Bound):
@@ -143,6 +157,13 @@ class BoundAll(Bound):
         limits = [n for n in (c.useful_tokens(progress) for c in self.children) if n is not None]
         return min(limits, default=None)
 
+    def tokens_left(self, progress):
+        limits = [n for n in (c.tokens_left(progress) for c in self.children) if n is not None]
+        return min(limits, default=None)
+
+    def describe(self, variable):
+        return " and ".join(c.describe(variable) for c in self.children)
+
 
 @dataclasses.dataclass(frozen=True)
 class BoundAny(Bound):
@@ -160,6 +181,13 @@ class BoundAny(Bound):
     def useful_tokens(self, progress):
         limits = [c.useful_tokens(progress) for c in self.children]
         return None if None in limits else max(limits)
+
+    def tokens_left(self, progress):
+        limits = [c.tokens_left(progress) for c in self.children]
+        return None if None in limits else max(limits)
+
+    def describe(self, variable):
+        return "(" + " or ".join(c.describe(variable) for c in self.children) + ")"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +220,16 @@ class BoundTokenCount(Bound):
         return compare(record.num_tokens, self.op, self.limit)
 
     def useful_tokens(self, progress):
+        left = self.tokens_left(progress)
+        return None if left is None else max(1, left)
+
+    def tokens_left(self, progress):
         if self.op not in ("<", "<=", "=="):
             return None
-        return max(1, (self.limit - 1 if self.op == "<" else self.limit) - progress.num_tokens)
+        return (self.limit - 1 if self.op == "<" else self.limit) - progress.num_tokens
+
+    def describe(self, variable):
+        return f"len(TOKENS({variable})) {self.op} {self.limit}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +254,9 @@ class BoundCharCount(Bound):
     def useful_tokens(self, progress):
         return 1 if self.op in ("<", "<=", "==") else None
 
+    def describe(self, variable):
+        return f"len({variable}) {self.op} {self.limit}"
+
 
 @dataclasses.dataclass(frozen=True)
 class BoundOptions(Bound):
@@ -239,6 +277,10 @@ class BoundOptions(Bound):
     def useful_tokens(self, progress):
         return None if self.is_negated else 1
 
+    def describe(self, variable):
+        options = [o.decode("utf-8", "replace") for o in self.options]
+        return f"{variable} {'not in' if self.is_negated else 'in'} {options!r}"
+
 
 @dataclasses.dataclass(frozen=True)
 class BoundInt(Bound):
@@ -255,6 +297,9 @@ class BoundInt(Bound):
         # the mask gains EOS with the first digit, then stays the same
         return None if any(48 <= b <= 57 for b in progress.value_bytes) else 1
 
+    def describe(self, variable):
+        return f"INT({variable})"
+
 
 @dataclasses.dataclass(frozen=True)
 class BoundRegex(Bound):
@@ -266,6 +311,9 @@ class BoundRegex(Bound):
 
     def is_satisfied(self, record):
         return re.fullmatch(self.pattern, record.text) is not None
+
+    def describe(self, variable):
+        return f"REGEX({variable}, {self.pattern!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,18 +549,39 @@ class VariableConstraints:
     tree: Bound
     stops: tuple[StopPhrase, ...] = ()
 
-    def step(self, progress: Progress) -> Step:
-        """The mask for the next token after `progress` (ConstraintError when nothing fits)."""
-        allowed = self.tree.evaluate(progress)
+    def step(self, progress: Progress, max_tokens: int | None = None) -> Step:
+        """The mask for the next token after `progress` (ConstraintError when nothing fits).
+
+        `max_tokens` is the most tokens the value may have (the decoder's length budget); the
+        UTF-8 rule (masks.apply_utf8_rule) uses it with the constraints' own token bounds.
+        """
+        tokens_left = self.tokens_left(progress, max_tokens)
+        allowed = apply_utf8_rule(self.table, self.tree.evaluate(progress), progress.pending, tokens_left)
         tokens = text_tokens(self.table, allowed)
         if not bool(tokens.any()):
             if allowed.can_end:
                 return Step(None, is_forced_end=True)
-            raise ConstraintError(
-                f"the constraints on {self.variable} allow no token after {progress.text!r} "
-                "and do not let it end; check the where clause"
-            )
+            raise self.unsatisfiable(progress, tokens_left, max_tokens)
         return Step(model_mask(self.table, tokens, allowed.can_end), self.tree.useful_tokens(progress))
+
+    def tokens_left(self, progress: Progress, max_tokens: int | None) -> int | None:
+        limits = [self.tree.tokens_left(progress)]
+        if max_tokens is not None:
+            limits.append(max_tokens - progress.num_tokens)
+        known = [n for n in limits if n is not None]
+        return min(known, default=None)
+
+    def unsatisfiable(self, progress: Progress, tokens_left: int | None, max_tokens: int | None) -> ConstraintError:
+        """The error of a variable that can neither grow nor end: names the constraint and budget."""
+        budget = (f"; {progress.num_tokens} tokens used, {max(tokens_left, 0)} left "
+                  f"(the token budget: the where clause's len(TOKENS(...)) bound or max_len"
+                  f"{'' if max_tokens is None else f' / the context, {max_tokens} tokens here'})"
+                  if tokens_left is not None else "")
+        return ConstraintError(
+            f"the constraints on {self.variable} cannot be met: {self.tree.describe(self.variable)} "
+            f"allows no next token after {progress.text!r} and does not let {self.variable} end{budget}; "
+            "raise the token budget (len(TOKENS(...)) or max_len) or relax the constraint"
+        )
 
     def advance(self, progress: Progress, token_id: int) -> Progress:
         """`progress` after `token_id`: EOS ends the variable, a stop phrase ends and cuts it."""

@@ -286,7 +286,8 @@ async def generate_chunk(session: QuerySession, constraints: VariableConstraints
     remaining = session.limit - len(ids) - progress.num_tokens
     if remaining <= 0:
         return progress.end("length")
-    step = constraints.step(progress)
+    budget = session.limit - len(ids)
+    step = constraints.step(progress, budget)
     if step.is_forced_end:
         return progress.end("forced")
     context = list(ids) + list(progress.token_ids)
@@ -294,17 +295,20 @@ async def generate_chunk(session: QuerySession, constraints: VariableConstraints
     choices = await session.client.generate(context, step.mask, max_tokens, sampling)
     if not choices:
         raise BackendError(f"the backend returned no token for {constraints.variable}; expected at least one")
-    return accept_tokens(constraints, progress, step.mask, [c.token_id for c in choices], stream)
+    return accept_tokens(constraints, progress, step.mask, [c.token_id for c in choices], budget, stream)
 
 
 def accept_tokens(constraints: VariableConstraints, progress: Progress, mask0, token_ids: Sequence[int],
-                  stream=None) -> Progress:
-    """Apply returned tokens while the mask before each one equals `mask0`; drop the rest."""
+                  budget: int | None = None, stream=None) -> Progress:
+    """Apply returned tokens while the mask before each one equals `mask0`; drop the rest.
+
+    `budget` is the most tokens the value may have (see VariableConstraints.step).
+    """
     for j, token_id in enumerate(token_ids):
         if j > 0:
             if progress.is_finished:
                 break
-            step = constraints.step(progress)
+            step = constraints.step(progress, budget)
             if step.is_forced_end:
                 return progress.end("forced")
             if not same_mask(step.mask, mask0):
@@ -401,7 +405,7 @@ async def expand(session: QuerySession, beam: Beam) -> list[Beam]:
     progress = pending.progress
     if session.limit - len(pending.ids) - progress.num_tokens <= 0:
         return [await complete_hole(session, beam, progress.end("length"))]
-    step = pending.constraints.step(progress)
+    step = pending.constraints.step(progress, session.limit - len(pending.ids))
     if step.is_forced_end:
         return [await complete_hole(session, beam, progress.end("forced"))]
     context = list(pending.ids) + list(progress.token_ids)

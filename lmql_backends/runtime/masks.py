@@ -8,6 +8,7 @@ sent to the model.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from typing import Sequence
 
@@ -67,6 +68,68 @@ def same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return torch.equal(a, b)
+
+
+# ---- the UTF-8 rule: every constraint judges the value as it will be returned ----------------
+#
+# A value is the bytes of its tokens, and a token may hold only part of a multi-byte character.
+# The one rule, applied to every constraint on every backend: the value's bytes are always a
+# valid UTF-8 text followed by at most one unfinished character (`pending_char`); a token is
+# allowed only if the value stays so, the variable may end only when no character is
+# unfinished, and a token that leaves a character unfinished is allowed only when at least one
+# more token may follow (to finish it). Character counts (``len(X)``) count an unfinished
+# character as the one character it will become. "At least one more token" is counted
+# conservatively: a character missing k bytes needs k more tokens (every byte-level vocabulary
+# has a token for each single byte, and longer continuations only finish sooner). Constraints on text that the unfinished
+# character cannot change (``len``, ``in``, ``==``, INT, REGEX) judge it on bytes or by its
+# possible completions; every other condition is checked when the variable ends, where no
+# character is unfinished.
+
+def pending_char(data: bytes) -> bytes | None:
+    """The bytes of the unfinished last character of `data` (b"" if none), None if not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        decoder.decode(data, final=False)
+    except UnicodeDecodeError:
+        return None
+    return decoder.getstate()[0]
+
+
+def utf8_mask(table: TokenTable, pending: bytes, tokens_after: int | None = None) -> torch.Tensor:
+    """Text tokens that keep a value ending in `pending` valid UTF-8, finishable in `tokens_after`.
+
+    `tokens_after`: how many tokens may follow this one (None: no limit).
+    """
+    if tokens_after is not None:
+        tokens_after = max(0, min(tokens_after, 3))  # a character misses at most 3 bytes
+    return table.cached(("utf8", pending, tokens_after), lambda: table.mask_of([
+        token_id for token_id, data in enumerate(table.token_bytes)
+        if continues_utf8(pending, data, tokens_after)
+    ]) & table.text_mask)
+
+
+def continues_utf8(pending: bytes, data: bytes, tokens_after: int | None) -> bool:
+    rest = pending_char(pending + data)
+    return rest is not None and (tokens_after is None or missing_bytes(rest) <= tokens_after)
+
+
+def missing_bytes(pending: bytes) -> int:
+    """How many bytes the unfinished character `pending` still needs (0 for b"")."""
+    if not pending:
+        return 0
+    lead = pending[0]
+    size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return size - len(pending)
+
+
+def apply_utf8_rule(table: TokenTable, allowed: Allowed, pending: bytes, tokens_left: int | None) -> Allowed:
+    """`allowed` restricted by the UTF-8 rule for a value whose unfinished character is `pending`.
+
+    `tokens_left`: how many more tokens the value may have, this one included (None: no limit).
+    """
+    mask = utf8_mask(table, pending, None if tokens_left is None else tokens_left - 1)
+    tokens = mask if allowed.tokens is None else allowed.tokens & mask
+    return Allowed(tokens, allowed.can_end and pending == b"")
 
 
 # ---- primitives -----------------------------------------------------------------------
