@@ -23,10 +23,10 @@ import torch
 
 from ..errors import ConstraintError, InvalidRequestError, QuerySyntaxError
 from .masks import (
-    Allowed, allow_all, allow_none, apply_utf8_rule, char_budget_mask, int_mask, intersect, model_mask,
-    pending_char, prefix_mask, regex_index, text_tokens, union,
+    Allowed, allow_all, allow_none, apply_utf8_rule, char_budget_mask, intersect, model_mask,
+    pending_char, prefix_mask, regex_index, text_tokens, union, utf8_mask,
 )
-from .tokens import INT_PATTERN, TokenTable, count_chars
+from .tokens import INT_BODY, TokenTable, count_chars
 
 CONSTRAINT_FUNCTIONS = ("STOPS_AT", "STOPS_BEFORE", "INT", "REGEX", "TOKENS")
 COMPARE_OPS = {ast.Lt: "<", ast.LtE: "<=", ast.Eq: "==", ast.NotEq: "!=", ast.Gt: ">", ast.GtE: ">="}
@@ -284,21 +284,43 @@ class BoundOptions(Bound):
 
 @dataclasses.dataclass(frozen=True)
 class BoundInt(Bound):
+    """``INT(X)`` and ``[X: int]`` as LMQL 0.7.3 decodes them (its ``IntOp.follow``).
+
+    The first token is a number token (``[ 1-9][0-9]*``, a lone space included); after only
+    whitespace, a number token without the space; once the value has a digit and only digits,
+    commas and whitespace, every token and the end are allowed (argmax compares the end with
+    every other token); a token that brings any other character ends the variable, and the
+    value keeps only its digits (`int_value`). A token leaving a character unfinished is not
+    chosen as that ending token (the UTF-8 rule).
+    """
+
     table: TokenTable
 
     def evaluate(self, progress):
         value = progress.value_bytes
-        return Allowed(int_mask(self.table, value), INT_PATTERN.fullmatch(value) is not None)
+        if value == b"":
+            return Allowed(self.table.int_start_mask, False)
+        if value.strip() == b"":
+            return Allowed(self.table.int_continue_mask, False)
+        if INT_BODY.fullmatch(value):
+            return Allowed(utf8_mask(self.table, b"", 0), True)
+        return allow_none(self.table, True)
 
     def is_satisfied(self, record):
-        return INT_PATTERN.fullmatch(record.text.encode()) is not None
+        return int_value(record.text) is not None
 
     def useful_tokens(self, progress):
-        # the mask gains EOS with the first digit, then stays the same
-        return None if any(48 <= b <= 57 for b in progress.value_bytes) else 1
+        # the mask is "every whole token" from the first digit until a token ends the number
+        return None if INT_BODY.fullmatch(progress.value_bytes) and progress.value_bytes.strip() else 1
 
     def describe(self, variable):
         return f"INT({variable})"
+
+
+def int_value(text: str) -> int | None:
+    """The value of an INT variable: its digits (LMQL drops every other character), or None."""
+    digits = "".join(c for c in text if c in "0123456789")
+    return int(digits) if digits else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,9 @@ from ..errors import BackendError, ConstraintError, ContextLengthError, EngineEr
 from ..language.parser import DistributionClause, Query
 from ..language.program import FilledHole, HoleContext, ProgramTrace, StopProgram
 from .chat import with_rendered_prompt
-from .constraints import ConstraintSet, Progress, VariableConstraints, VariableRecord, compile_constraints
+from .constraints import (
+    ConstraintSet, Progress, VariableConstraints, VariableRecord, compile_constraints, int_value,
+)
 from .masks import same_mask
 from .result import QueryResult
 from .statements import statement_constraints
@@ -151,9 +153,11 @@ class QuerySession:
         return ids
 
     def finish_variable(self, hole: HoleContext, progress: Progress, records: dict[str, VariableRecord]) -> FilledHole:
-        """Record a finished variable; its Python value is an int for INT variables."""
+        """Record a finished variable; an INT variable's value (and text) is its digits, as in LMQL."""
         text = progress.text
         value = self.typed_value(hole.variable, text, progress, self.constraints_of(hole).int_variables)
+        if isinstance(value, int):
+            text = str(value)
         records[hole.variable] = VariableRecord(text, value, progress.num_tokens)
         filled = FilledHole(text, value)
         if progress.finish_reason == "length":
@@ -163,8 +167,9 @@ class QuerySession:
     def typed_value(self, variable: str, text: str, progress: Progress, int_variables: frozenset[str]) -> Any:
         if variable not in int_variables:
             return text
-        if text.strip().isdigit():
-            return int(text.strip())
+        value = int_value(text)
+        if value is not None:
+            return value
         if progress.finish_reason == "length":
             return None
         raise ConstraintError(f"INT variable {variable} ended as {text!r}, which is not an integer")

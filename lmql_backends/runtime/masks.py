@@ -152,11 +152,6 @@ def char_budget_mask(table: TokenTable, budget: int) -> torch.Tensor:
     return (table.num_chars <= budget) & table.text_mask
 
 
-def int_mask(table: TokenTable, value: bytes) -> torch.Tensor:
-    """Tokens that keep `value` of the form `` ?[0-9]*``."""
-    return table.int_start_mask if value == b"" else table.digits_mask
-
-
 class RegexIndex:
     """Token-level masks of a regular expression over a token table.
 

@@ -19,8 +19,9 @@ from ..byte_level import unicode_to_byte
 from ..errors import InvalidRequestError
 from .chat import has_role_tags, render_prompt
 
-INT_PATTERN = re.compile(rb" ?[0-9]+")
-DIGITS_PATTERN = re.compile(rb"[0-9]+")
+INT_START = re.compile(rb"[ 1-9][0-9]*")  # LMQL 0.7.3's first INT token
+INT_CONTINUE = re.compile(rb"[1-9][0-9]*")  # its INT token after only whitespace
+INT_BODY = re.compile(rb"[0-9,\s]*")  # an INT value that may still grow
 CONTINUATION_BYTES = re.compile(rb"[\x80-\xbf]")
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 METASPACE = "\u2581"
@@ -79,13 +80,13 @@ class TokenTable:
 
     @functools.cached_property
     def int_start_mask(self) -> torch.Tensor:
-        """Tokens that may start an INT value: digits with an optional leading space, or a space."""
-        return self.bytes_mask(lambda b: INT_PATTERN.fullmatch(b) is not None or b == b" ")
+        """Tokens that may start an INT value (as in LMQL: ``[ 1-9][0-9]*``, a lone space too)."""
+        return self.bytes_mask(lambda b: INT_START.fullmatch(b) is not None)
 
     @functools.cached_property
-    def digits_mask(self) -> torch.Tensor:
-        """Tokens made only of digits."""
-        return self.bytes_mask(lambda b: DIGITS_PATTERN.fullmatch(b) is not None)
+    def int_continue_mask(self) -> torch.Tensor:
+        """Tokens that may follow an INT value of only whitespace: ``[1-9][0-9]*``."""
+        return self.bytes_mask(lambda b: INT_CONTINUE.fullmatch(b) is not None)
 
     def bytes_mask(self, predicate) -> torch.Tensor:
         mask = torch.tensor([predicate(b) for b in self.token_bytes], dtype=torch.bool)

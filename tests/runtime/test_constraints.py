@@ -121,7 +121,7 @@ def test_int_allows_a_leading_space_then_digits(table):
     c = constraints_for('"[N: int]"', "N", table)
     assert allowed(c, Progress()) == [b" ", b" 3", b"1", b"12"]
     assert allowed(c, walk(c, b" ")) == [b"1", b"12"]
-    assert allowed(c, walk(c, b" 3")) == sorted([b"<eos>", b"1", b"12"])
+    assert b"." in allowed(c, walk(c, b" 3"))  # as INT(N): any token may end the number
 
 
 def test_regex(table):
@@ -201,3 +201,12 @@ def test_bad_constraints_are_syntax_errors(table, where, fragment):
 def test_bad_values_name_the_problem(table, where, fragment):
     with pytest.raises(InvalidRequestError, match=fragment):
         constraints_for(f'"[X]" where {where}', "X", table)
+
+
+def test_int_ends_as_lmql_does(table):
+    """LMQL 0.7.3 IntOp.follow: number token first, then any token; a non-digit ends it."""
+    c = constraints_for('"[X]" where INT(X)', "X", table)
+    assert allowed(c, Progress()) == [b" ", b" 3", b"1", b"12"]
+    assert allowed(c, walk(c, b" ")) == [b"1", b"12"]
+    assert allowed(c, walk(c, b"12")) == sorted(set(VOCAB) - {b"\xc3", b"\xa9"})  # the end competes with all
+    assert c.step(walk(c, b"12", b".")).is_forced_end  # a non-digit ended the number

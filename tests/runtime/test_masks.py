@@ -5,7 +5,7 @@ import torch
 
 from lmql_backends.errors import InvalidRequestError
 from lmql_backends.runtime.masks import (
-    Allowed, char_budget_mask, int_mask, intersect, model_mask, prefix_mask, regex_index, same_mask, union,
+    Allowed, char_budget_mask, intersect, model_mask, prefix_mask, regex_index, same_mask, union,
 )
 from lmql_backends.runtime.tokens import TokenTable, make_token_table, prompt_ids, token_table
 
@@ -46,12 +46,6 @@ def test_char_budget_counts_characters_not_bytes(table):
     assert tokens_of(char_budget_mask(table, 1)) == sorted([b"a", b"b", b" ", b"1", b"\n", b"\xc3", b"\xa9"])
     assert tokens_of(char_budget_mask(table, -1)) == []
     assert table.num_chars[11] == 0  # a continuation byte starts no character
-
-
-def test_int_mask_allows_a_leading_space_then_digits(table):
-    assert tokens_of(int_mask(table, b"")) == [b" ", b" 3", b"1", b"12"]
-    assert tokens_of(int_mask(table, b" ")) == [b"1", b"12"]
-    assert tokens_of(int_mask(table, b"12")) == [b"1", b"12"]
 
 
 def test_regex_index_masks_and_final_states(table):

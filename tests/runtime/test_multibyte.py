@@ -134,3 +134,31 @@ def test_unsatisfiable_budget_names_variable_constraint_and_budget(model_dir):
     message = str(caught.value)
     assert "CODE" in message and "REGEX(CODE, '[0-9]{30}')" in message
     assert "len(TOKENS(CODE)) < 5" in message and "0 left" in message and "raise the token budget" in message
+
+
+# What LMQL 0.7.3 answers on this model (its `local:` model on the same saved directory, argmax).
+# INT: the first token must be a number token; once the value has a digit LMQL allows every token
+# and the end (IntOp.follow), so argmax ends the number at the first step where a non-digit token
+# (or the end) beats every digit; the value keeps only its digits. `[AGE:int]` is the same rule.
+# beam(n=2): LMQL's n best finished beams by summed log-probability.
+LMQL_ANSWERS = [
+    ("argmax", '"A number: [N]" where INT(N)', [{"N": 8888}]),
+    ("argmax", '"Your Age: [AGE:int]!"', [{"AGE": 11}]),
+    ("argmax", '"Hello[WHO]" where len(WHO) < 10', [{"WHO": "lolololo#"}]),
+    ("argmax", '"Hello[WHO]" where len(TOKENS(WHO)) < 12 and len(WHO) < 20', [{"WHO": "lololololololololo"}]),
+    ("beam(n=2)", '"Hello[X]" where len(TOKENS(X)) < 3', [{"X": "\x0e\x0e"}, {"X": "lolo"}]),
+]
+
+
+@pytest.mark.parametrize("decoder, query, expected", LMQL_ANSWERS)
+@pytest.mark.parametrize("backend", ["inprocess", "new", "legacy"])
+def test_answers_equal_lmql_073(model_dir, servers, backend, decoder, query, expected):
+    clause = lmql.runtime.api.parse_decoder_text(decoder)
+    arguments = {name: e.evaluate({}) for name, e in clause.arguments}
+    if backend == "inprocess":
+        result = lmql.run_sync(query, model="local:" + model_dir, decoder=lmql.runtime.make_decoder(clause.name, **arguments))
+    else:
+        chosen = lmql.runtime.make_decoder(clause.name, backend="legacy" if backend == "legacy" else None, **arguments)
+        result = lmql.run_sync(query, model=lmql.model(model_dir, endpoint=servers[backend].endpoint), decoder=chosen)
+    results = result if isinstance(result, list) else [result]
+    assert [r.variables for r in results] == expected
