@@ -86,13 +86,36 @@ def same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 # character is unfinished.
 
 def pending_char(data: bytes) -> bytes | None:
-    """The bytes of the unfinished last character of `data` (b"" if none), None if not UTF-8."""
+    """The bytes of the unfinished last character of `data` (b"" if none), None if not UTF-8.
+
+    None too when the unfinished character can never be finished: Python's incremental decoder
+    keeps ``ED A0``-``ED BF`` (the start of a UTF-16 surrogate, never valid UTF-8) pending and
+    fails only at the third byte, so the pending bytes are checked for a valid completion.
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
         decoder.decode(data, final=False)
     except UnicodeDecodeError:
         return None
-    return decoder.getstate()[0]
+    pending = decoder.getstate()[0]
+    return pending if can_finish(pending) else None
+
+
+def can_finish(pending: bytes) -> bool:
+    """Whether some continuation bytes make the unfinished character `pending` a valid one."""
+    if not pending:
+        return True
+    missing = missing_bytes(pending)
+    fillers = (b"\x80", b"\x90", b"\xa0")  # the lowest byte of every second-byte range
+    return any(_decodes(pending + (filler + b"\x80" * missing)[:missing]) for filler in fillers)
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def utf8_mask(table: TokenTable, pending: bytes, tokens_after: int | None = None) -> torch.Tensor:

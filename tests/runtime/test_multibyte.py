@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import lmql_backends as lmql
 from lmql_backends.errors import ConstraintError
 from lmql_backends.runtime.masks import pending_char, utf8_mask
-from lmql_backends.runtime.tokens import token_table
+from lmql_backends.runtime.tokens import TokenTable, token_table
 from multibyte_model import build_multibyte_model, build_tokenizer, split_tokens
 
 pytestmark = pytest.mark.timeout(600)
@@ -95,6 +95,22 @@ def test_utf8_rule_on_hand_made_values():
             assert bool(one_more[token_id]) == (len(rest) != 2)  # 2 bytes left pending = 2 missing
     assert bool(last.any()) is False or all(
         pending_char(emoji[:1] + table.token_bytes[t]) == b"" for t in last.nonzero().flatten().tolist())
+
+
+def test_utf8_rule_never_starts_a_character_that_cannot_finish():
+    # ED A0..BF starts a UTF-16 surrogate: no third byte makes it UTF-8, though Python's
+    # incremental decoder keeps it pending; a byte-level vocabulary has both bytes as tokens
+    vocab = (b"<eos>", b"a", b"\xed", b"\xac", b"\x9f", b"\x80", b"\xe0", b"\xa0", b"\xf0", b"\x90")
+    table = TokenTable(vocab, eos_token_id=0)
+    assert pending_char(b"a\xed\xac") is None and pending_char(b"\xed\xa0") is None
+    assert pending_char(b"\xed\x9f") == b"\xed\x9f" and pending_char(b"\xe0\xa0") == b"\xe0\xa0"
+    after_ed = utf8_mask(table, b"\xed")
+    assert [vocab[t] for t in after_ed.nonzero().flatten().tolist()] == [b"\x9f", b"\x80", b"\x90"]
+    # each unfinished character the rule allows can be finished within the budget it counted
+    for pending in (b"\xed", b"\xe0", b"\xf0", b"\xed\x9f", b"\xf0\x90"):
+        budget = 3 - len(pending) + (pending[0] >= 0xF0)
+        assert bool(utf8_mask(table, pending, tokens_after=budget).any())
+    assert bool(utf8_mask(table, b"", 2)[2]) and bool(utf8_mask(table, b"", 2)[6])
 
 
 @pytest.mark.parametrize("kind", sorted(CONSTRAINTS))
