@@ -163,6 +163,14 @@ LMQL_ANSWERS = [
     ("argmax", '"Hello[WHO]" where len(WHO) < 10', [{"WHO": "lolololo#"}]),
     ("argmax", '"Hello[WHO]" where len(TOKENS(WHO)) < 12 and len(WHO) < 20', [{"WHO": "lololololololololo"}]),
     ("beam(n=2)", '"Hello[X]" where len(TOKENS(X)) < 3', [{"X": "\x0e\x0e"}, {"X": "lolo"}]),
+    # `in`, `==` and REGEX: once the value is complete, the end competes with the tokens that
+    # still lead to a longer match (InOpStrInSet.follow: the suffixes' prefixes plus "eos")
+    ("argmax", '"Hello[X]" where X in ["lo", "lolo", "lolol", " world"]', [{"X": "lolo"}]),
+    ("argmax", '"A[X]" where X in ["a", "ab", "abc", " b"]', [{"X": " b"}]),
+    ("argmax", '"Hello[X]" where X == "lolo"', [{"X": "lolo"}]),
+    ("argmax", '"Hello[X]" where REGEX(X, r"l[o]*")', [{"X": "lo"}]),
+    ("argmax", '"Hello[X]" where REGEX(X, r"(lo){1,3}")', [{"X": "lololo"}]),
+    ("argmax", '"Hello[X]" where REGEX(X, r"lo(lo)?x?")', [{"X": "lolo"}]),
 ]
 
 
