@@ -138,6 +138,10 @@ BUILTIN_CASES: tuple[ConformanceCase, ...] = (
     ),
     ConformanceCase("beam-n2", 'beam(n=2) "Hello[X]" where len(TOKENS(X)) < 3'),
     ConformanceCase("beam-n3", 'beam(n=3) "It was[X] and[Y]" where len(TOKENS(X)) < 3 and len(TOKENS(Y)) < 2'),
+    ConformanceCase("multibyte-len", 'argmax "Café ☕ 東京:[X]" where len(X) < 6 and len(TOKENS(X)) < 8'),
+    ConformanceCase("int-ends", 'argmax "A number:[N]" where INT(N) and len(TOKENS(N)) < 8'),
+    ConformanceCase("regex-complete", 'argmax "Hello[X]" where REGEX(X, r"(lo){1,3}")'),
+    ConformanceCase("beam-multibyte", 'beam(n=2) "東京[X]" where len(X) < 4 and len(TOKENS(X)) < 4'),
     ConformanceCase("distribution", 'argmax "It was[X]" distribution X in [" a", " the", " very"]'),
     ConformanceCase(
         "distribution-after-variable",
