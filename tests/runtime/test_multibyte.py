@@ -171,6 +171,9 @@ LMQL_ANSWERS = [
     ("argmax", '"Hello[X]" where REGEX(X, r"l[o]*")', [{"X": "lo"}]),
     ("argmax", '"Hello[X]" where REGEX(X, r"(lo){1,3}")', [{"X": "lololo"}]),
     ("argmax", '"Hello[X]" where REGEX(X, r"lo(lo)?x?")', [{"X": "lolo"}]),
+    # a prompt ending in a space before a hole: LMQL 0.7.3 tokenizes the text as written
+    ("argmax", '"Hello [X]" where len(TOKENS(X)) < 4', [{"X": "   "}]),
+    ("argmax", '"Café ☕ [X]" where len(X) < 6 and len(TOKENS(X)) < 8', [{"X": "     "}]),
 ]
 
 
