@@ -54,9 +54,9 @@ class TimedConstraints:
         self.inner = inner
         self.step_seconds: list[float] = []
 
-    def step(self, progress):
+    def step(self, progress, budget):
         start = time.perf_counter()
-        result = self.inner.step(progress)
+        result = self.inner.step(progress, budget)
         self.step_seconds.append(time.perf_counter() - start)
         return result
 
@@ -73,12 +73,12 @@ class TimingFiller(GeneratingFiller):
         self.num_tokens = 0
 
     async def __call__(self, hole):
-        constraints, ids = self.session.start_variable(hole, self.records)
+        constraints, ids = self.session.start_variable(hole, self.records(hole))
         timed = TimedConstraints(constraints)
         progress = await generate_variable(self.session, timed, ids, self.sampling)
         self.mask_seconds += sum(timed.step_seconds)
         self.num_tokens += progress.num_tokens
-        return self.session.finish_variable(hole, progress, self.records)
+        return self.session.finish_variable(hole, progress, self.records(hole))
 
 
 @dataclasses.dataclass(frozen=True)
