@@ -2,8 +2,7 @@
 
 Uses a ``serve-model builtin:tiny --legacy`` process (loopback, a free port) and runs the same
 greedy decode, one token per call, through `LegacyClient` (a ``forward`` of the whole sequence per
-token: the first over HTTP, the rest over the server's WebSocket channel ``/queue/socket``, the
-logits coming back as binary float32), alternating with `InProcessClient` (the engine in this
+token, ``POST /queue`` and a long-polled ``/results``, the logits coming back as JSON), alternating with `InProcessClient` (the engine in this
 process). Prints the median milliseconds per token of each, against the 5 ms target.
 
     python benchmarks/legacy_latency.py [--quick]

@@ -8,11 +8,6 @@ happen here, with the same functions the engine uses, so every backend picks the
 Results are collected by one background task per event loop. It long-polls
 (``?wait=SECONDS``) when the server answers with the ``X-Long-Poll: 1`` header, and otherwise
 polls every 50 ms like the original client. Any number of samples can be in flight at once.
-Against an lmql-backends server (``X-Inline-Wait: 1`` on its /queue answers) a POST waits for
-its own result (``/queue?wait=SECONDS``), one HTTP request per token instead of two; and once a
-/queue answer names the server's WebSocket channel (``X-Queue-Socket``), the same actions and
-results travel over it instead (logits as binary float32), far cheaper than a request per token
-(``legacy/PROTOCOL.md``, extensions 14 and 15).
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ import orjson
 import torch
 
 from ..sampling import SamplingParams, make_mask_processor, select_token
-from ..legacy_frames import AFTER_FIELD, APPEND_HEADER, UNKNOWN_BASE_TEXT, decode_logits_frame, load_json
+from ..legacy_json import load_json
 from ..loader import load_context_length
 from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, InvalidRequestError,
@@ -48,10 +43,7 @@ LONG_POLL_SECONDS = 10.0
 #: score() sends one forward per token; at most this many are in flight at once
 MAX_SCORE_IN_FLIGHT = 16
 LONG_POLL_HEADER = "X-Long-Poll"
-INLINE_WAIT_HEADER = "X-Inline-Wait"
-INLINE_HEADER = "X-Inline-Result"
 ERROR_DETAIL_HEADER = "X-Error-Detail"
-SOCKET_HEADER = "X-Queue-Socket"
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,97 +54,38 @@ class Connection:
     session: aiohttp.ClientSession
     pending: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)
     collector: asyncio.Task | None = None
-    channel: Channel | None = None
-    connecting: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one channel, not one per caller
-
-
-@dataclasses.dataclass(eq=False)
-class Channel:
-    """The open WebSocket channel of one event loop, its reader, and the samples sent over it."""
-
-    socket: aiohttp.ClientWebSocketResponse
-    reader: asyncio.Task | None = None
-    sample_ids: set[int] = dataclasses.field(default_factory=set)
-    #: the row of the last forward answered on this channel and its sample_id (what the next
-    #: forward's ``input_ids_after`` names, extension 16)
-    last_row: list[int] | None = None
-    last_sample_id: int | None = None
-
-    def shortened(self, body: dict[str, Any]) -> dict[str, Any]:
-        """`body` with only the ids after the last answered row, if its one row continues it."""
-        row, last = one_row(body), self.last_row
-        if row is None or last is None or len(row) <= len(last) or row[:len(last)] != last:
-            return body
-        return {**body, "input_ids": [row[len(last):]], AFTER_FIELD: self.last_sample_id}
-
-    def remember(self, body: dict[str, Any]) -> None:
-        """Note an answered forward's row (the base of the next one)."""
-        row = one_row(body)
-        if row is not None:
-            self.last_row, self.last_sample_id = row, body["sample_id"]
-
-    def waiting(self, pending: dict[int, asyncio.Future]) -> dict[int, asyncio.Future]:
-        """The futures of samples sent over this channel that still wait."""
-        return {i: pending[i] for i in self.sample_ids if i in pending}
 
 
 class LegacyTransport:
-    """Posts actions to ``/queue`` (or sends them over the server's WebSocket channel) and routes
-    results to waiting futures by sample_id."""
+    """Posts actions to ``/queue`` and routes the results of ``/results`` to waiting futures by sample_id."""
 
-    def __init__(
-        self, base_url: str, model_name: str, api_key: str | None, chunk_timeout: float, use_socket: bool = True,
-    ):
+    def __init__(self, base_url: str, model_name: str, api_key: str | None, chunk_timeout: float):
         self.base_url = base_url
         self.model_name = model_name
         self.chunk_timeout = chunk_timeout
-        self.use_socket = use_socket
         self.client_id = f"lmql-backends-{uuid.uuid4().hex}"
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.supports_long_poll: bool | None = None  # unknown until the first /results answer
-        self.supports_inline_wait = False  # until a /queue answer says so
-        self.socket_path: str | None = None  # the server's channel, once a /queue answer names it
-        self.supports_append = False  # its channel takes input_ids_after (a /queue answer says so)
         self._sample_ids = itertools.count()
         self._connection: Connection | None = None
 
     async def forward(self, ids: list[int]) -> list[float]:
-        """The raw next-token logits after `ids` (sent as ``[[...ids]]``, as the original client did;
-        on the channel, only the ids after the last answered row, when they continue it)."""
+        """The raw next-token logits after `ids` (sent as ``[[...ids]]``, as the original client did)."""
         body = {"action": "forward", "input_ids": [list(ids)], "attention_mask": None, "model_identifier": self.model_name}
-        try:
-            result = await self.call(body, may_shorten=True)
-        except BackendResponseError as exc:
-            if UNKNOWN_BASE_TEXT not in str(exc):
-                raise
-            result = await self.call(body)  # the channel no longer holds that row: send all of it
-        logits = result["next_token_logits"]
-        if isinstance(logits, numpy.ndarray):  # from the channel: shape [1, V]
-            return logits[0] if logits.ndim == 2 else logits
+        logits = (await self.call(body))["next_token_logits"]
         return logits[0] if logits and isinstance(logits[0], list) else logits
 
-    async def call(self, body: dict[str, Any], may_shorten: bool = False) -> dict[str, Any]:
-        """POST one action and wait for its result (at most ``chunk_timeout`` seconds).
-
-        Against lmql-backends servers (``X-Inline-Wait: 1`` on a /queue answer) the POST itself
-        waits for the result (``?wait=``), so no /results request is needed when it is ready in time;
-        once the server named its WebSocket channel, the action goes over it instead.
-        """
+    async def call(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST one action and wait for its result (at most ``chunk_timeout`` seconds)."""
         connection = self._current_connection()
         sample_id = next(self._sample_ids)
         future = connection.loop.create_future()
         connection.pending[sample_id] = future
         body = {**body, "sample_id": sample_id, "client_id": self.client_id}
         try:
-            channel = await self._channel(connection)
-            if channel is not None:
-                return await self._call_over(channel, body, future, may_shorten and self.supports_append)
-            if not self.supports_inline_wait:
-                self._ensure_collector(connection)
-            answer = await self._post(connection, body)
-            if "result" in answer:
-                return self.checked(answer["result"])
             self._ensure_collector(connection)
+            await self._post(connection, body)
+            self._ensure_collector(connection)  # a collector that found nothing pending may have ended
             return await self._wait_for(future, sample_id)
         finally:
             connection.pending.pop(sample_id, None)
@@ -167,24 +100,17 @@ class LegacyTransport:
                 f"within chunk_timeout={self.chunk_timeout} s"
             ) from None
 
-    async def _post(self, connection: Connection, body: dict[str, Any]) -> dict[str, Any]:
-        """The /queue answer: ``{"sample_id": ...}``, plus ``"result"`` when it came inline."""
-        params, timeout = self._waiting(self.supports_inline_wait)
+    async def _post(self, connection: Connection, body: dict[str, Any]) -> None:
+        """POST the action to /queue; a refusal raises the server's error."""
         async with translating_errors(self):
             async with connection.session.post(
-                self.base_url + "/queue", data=orjson.dumps(body), params=params, timeout=timeout,
+                self.base_url + "/queue", data=orjson.dumps(body), timeout=aiohttp.ClientTimeout(total=self.chunk_timeout),
                 headers={"Content-Type": "application/json"},
             ) as resp:
                 if resp.status != 200:
                     detail = resp.headers.get(ERROR_DETAIL_HEADER)
                     raise self.response_error(resp.status, await resp.text(), detail)
-                self.supports_inline_wait = resp.headers.get(INLINE_WAIT_HEADER) == "1"
-                self.socket_path = resp.headers.get(SOCKET_HEADER) if self.use_socket else None
-                self.supports_append = resp.headers.get(APPEND_HEADER) == "1"
-                answer = load_json(await resp.read()) if resp.headers.get(INLINE_HEADER) == "1" else {}
-        if not isinstance(answer, dict) or ("result" in answer and not isinstance(answer["result"], dict)):
-            raise BackendResponseError(f"the legacy server at {self.base_url} sent an invalid /queue answer")
-        return answer
+                await resp.read()
 
     def _waiting(self, is_waiting: bool) -> tuple[dict[str, str] | None, aiohttp.ClientTimeout]:
         """The ``?wait=`` of a request the server may hold (None: do not ask), and its HTTP timeout."""
@@ -236,86 +162,12 @@ class LegacyTransport:
             future.set_exception(exc)
 
     def checked(self, result: dict[str, Any]) -> dict[str, Any]:
-        """`result`, or the BackendResponseError of an error result or of a refusal on the channel."""
-        if "status" in result:  # the channel's form of a /queue error answer
-            raise self.response_error(result["status"], str(result.get("error")), result.get("detail"))
+        """`result`, or the BackendResponseError of an error result."""
         if "error" in result:
             raise BackendResponseError(
                 f"the legacy server at {self.base_url} failed on sample {result.get('sample_id')}: {result['error']}"
             )
         return result
-
-    # ---- the WebSocket channel ---------------------------------------------------------------
-    async def _channel(self, connection: Connection) -> Channel | None:
-        """The open channel of this loop (connected on first use), or None: use HTTP."""
-        if self.socket_path is None:
-            return None
-        if connection.channel is not None and not connection.channel.socket.closed:
-            return connection.channel
-        async with connection.connecting:  # callers arriving meanwhile wait for this connection
-            if connection.channel is None or connection.channel.socket.closed:
-                socket = await self._connect_socket(connection)
-                if socket is None:
-                    return None
-                connection.channel = channel = Channel(socket)
-                channel.reader = connection.loop.create_task(self._read_channel(connection, channel))
-        return connection.channel
-
-    async def _connect_socket(self, connection: Connection) -> aiohttp.ClientWebSocketResponse | None:
-        """Open the channel; a server that refuses the upgrade gets plain HTTP from now on."""
-        async with translating_errors(self):
-            try:
-                return await connection.session.ws_connect(
-                    self.base_url + self.socket_path, timeout=aiohttp.ClientWSTimeout(ws_close=self.chunk_timeout),
-                    max_msg_size=0,
-                )
-            except aiohttp.WSServerHandshakeError as exc:
-                log.warning("the legacy server at %s refused its WebSocket channel (%s); using HTTP", self.base_url, exc)
-                self.socket_path, self.use_socket = None, False  # for good: later answers name it again
-                return None
-
-    async def _call_over(self, channel: Channel, body: dict[str, Any], future: asyncio.Future,
-                         may_shorten: bool) -> dict[str, Any]:
-        sample_id = body["sample_id"]
-        channel.sample_ids.add(sample_id)
-        try:
-            async with translating_errors(self):
-                await channel.socket.send_bytes(orjson.dumps(channel.shortened(body) if may_shorten else body))
-            result = await self._wait_for(future, sample_id)
-            channel.remember(body)
-            return result
-        finally:
-            channel.sample_ids.discard(sample_id)
-
-    async def _read_channel(self, connection: Connection, channel: Channel) -> None:
-        """Route every result message to its future; when the channel ends, fail what still waits on it."""
-        reason: object = None
-        try:
-            async for message in channel.socket:
-                if message.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
-                    self._deliver_message(connection, channel, message)
-        except Exception as exc:  # the connection broke
-            reason = exc
-        finally:
-            if connection.channel is channel:
-                connection.channel = None
-            detail = reason or f"close code {channel.socket.close_code}"
-            fail_all(channel.waiting(connection.pending), BackendUnavailableError(
-                f"the legacy server at {self.base_url} closed its WebSocket channel ({detail}) "
-                f"before answering every sample"
-            ))
-
-    def _deliver_message(self, connection: Connection, channel: Channel, message: aiohttp.WSMessage) -> None:
-        try:
-            result = decode_message(message)
-        except ValueError as exc:
-            error = BackendResponseError(f"the legacy server at {self.base_url} sent an invalid WebSocket message: {exc}")
-            return fail_all(channel.waiting(connection.pending), error)
-        if isinstance(result, dict) and "status" in result and result.get("sample_id") is None:
-            # a refusal of an action that had no sample_id: ours always do, so fail rather than hang
-            error = self.response_error(result["status"], str(result.get("error")), result.get("detail"))
-            return fail_all(channel.waiting(connection.pending), error)
-        self._deliver(connection, result)
 
     # ---- the connection of the running loop ------------------------------------------------
     def _current_connection(self) -> Connection:
@@ -331,28 +183,10 @@ class LegacyTransport:
         connection, self._connection = self._connection, None
         if connection is None or connection.loop is not asyncio.get_running_loop():
             return
-        channel = connection.channel
-        if channel is not None:
-            await channel.socket.close()
-        for task in (connection.collector, channel.reader if channel is not None else None):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if connection.collector is not None:
+            connection.collector.cancel()
+            await asyncio.gather(connection.collector, return_exceptions=True)
         await connection.session.close()
-
-
-def decode_message(message: aiohttp.WSMessage) -> Any:
-    """The result object of a channel message (binary: logits as a float32 array)."""
-    if message.type == aiohttp.WSMsgType.BINARY:
-        return decode_logits_frame(message.data)
-    return load_json(message.data)
-
-
-def one_row(body: dict[str, Any]) -> list[int] | None:
-    """The row of a one-row forward action without padding (``input_ids: [[...]]``, a null
-    ``attention_mask``: the server holds the same row), else None."""
-    ids = body.get("input_ids") if body.get("action") == "forward" and body.get("attention_mask") is None else None
-    return ids[0] if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], list) else None
 
 
 def has_waiters(pending: dict[int, asyncio.Future]) -> bool:
@@ -406,15 +240,12 @@ class LegacyClient(LMClient):
 
     def __init__(
         self, name: str, endpoint: str, tokenizer, *, api_key: str | None = None, chunk_timeout: float = 30.0,
-        use_socket: bool = True,
     ):
         self.name = name
         self.tokenizer = tokenizer
         self.context_length = load_context_length(name)
         self.endpoint = make_base_url(endpoint)
-        self.transport = LegacyTransport(
-            self.endpoint, name, api_key, check_chunk_timeout(chunk_timeout), use_socket=use_socket,
-        )
+        self.transport = LegacyTransport(self.endpoint, name, api_key, check_chunk_timeout(chunk_timeout))
 
     async def next_token_logits(self, ids: list[int]) -> torch.Tensor:
         """The raw next-token logits after `ids`, as float32 (exactly what the server computed)."""

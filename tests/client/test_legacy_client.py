@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 
-import aiohttp
 import pytest
 import torch
 from aiohttp import web
@@ -129,135 +128,6 @@ async def test_many_requests_in_flight_at_once(legacy, inprocess):
     assert legacy.transport.supports_long_poll is True
 
 
-async def test_without_the_channel_the_client_gets_results_inline(legacy_server, inprocess):
-    async with LegacyClient(MODEL, legacy_server.endpoint, inprocess.tokenizer, use_socket=False) as legacy:
-        ids = encode(inprocess, PROMPTS[0])
-        await legacy.generate(ids, None, 1, SamplingParams())
-        assert legacy.transport.supports_inline_wait is True and legacy.transport.socket_path is None
-        collector = legacy.transport._connection.collector
-        for _ in range(3):  # token by token, as the runtime decodes
-            [choice] = await legacy.generate(ids, None, 1, SamplingParams())
-            assert_same_choices([choice], await inprocess.generate(ids, None, 1, SamplingParams()))
-            ids = ids + [choice.token_id]
-        assert legacy.transport._connection.collector is collector  # no new /results poller was needed
-        assert legacy.transport._connection.channel is None
-
-
-async def test_after_its_first_request_the_client_moves_to_the_channel(legacy, inprocess):
-    ids = encode(inprocess, PROMPTS[1])
-    await legacy.generate(ids, None, 1, SamplingParams())  # over HTTP: its answer names the channel
-    assert legacy.transport.socket_path == "/queue/socket"
-    for _ in range(3):
-        [choice] = await legacy.generate(ids, None, 1, SamplingParams())
-        assert_same_choices([choice], await inprocess.generate(ids, None, 1, SamplingParams()))
-        ids = ids + [choice.token_id]
-    channel = legacy.transport._connection.channel
-    assert channel is not None and not channel.socket.closed and not channel.sample_ids
-    prompts = [encode(inprocess, text) for text in PROMPTS]  # several in flight on the one channel
-    got = await asyncio.gather(*(legacy.top_tokens(ids, None, 3) for ids in prompts))
-    for ids, choices in zip(prompts, got):
-        assert_same_choices(choices, await inprocess.top_tokens(ids, None, 3))
-    assert legacy.transport._connection.channel is channel
-
-
-def spy_on_sends(legacy, monkeypatch) -> list[dict]:
-    """The action bodies the client sends on its channel from now on."""
-    socket, sent = legacy.transport._connection.channel.socket, []
-    real_send = socket.send_bytes
-
-    async def send_bytes(data: bytes, *args, **kwargs):
-        sent.append(json.loads(data))
-        return await real_send(data, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "send_bytes", send_bytes)
-    return sent
-
-
-async def test_on_the_channel_a_continued_sequence_sends_only_its_new_ids(legacy, inprocess, monkeypatch):
-    ids = encode(inprocess, PROMPTS[0])
-    await legacy.generate(ids, None, 1, SamplingParams())  # over HTTP: names the channel
-    await legacy.generate(ids, None, 1, SamplingParams())  # the channel's first: all of it
-    assert legacy.transport.supports_append
-    sent = spy_on_sends(legacy, monkeypatch)
-    for _ in range(3):
-        [choice] = await legacy.generate(ids, None, 1, SamplingParams())
-        assert_same_choices([choice], await inprocess.generate(ids, None, 1, SamplingParams()))
-        ids = ids + [choice.token_id]
-    other = encode(inprocess, PROMPTS[1])  # not a continuation: sent whole
-    assert_same_choices(await legacy.top_tokens(other, None, 3), await inprocess.top_tokens(other, None, 3))
-    assert [len(body["input_ids"][0]) for body in sent] == [len(ids) - 3, 1, 1, len(other)]
-    assert [body.get("input_ids_after") for body in sent[1:3]] == [sent[0]["sample_id"], sent[1]["sample_id"]]
-    assert "input_ids_after" not in sent[0] and "input_ids_after" not in sent[3]
-
-
-async def test_a_server_that_does_not_take_input_ids_after_gets_whole_rows(legacy, inprocess, monkeypatch):
-    ids = encode(inprocess, PROMPTS[3])
-    for _ in range(2):  # HTTP, then the channel
-        await legacy.generate(ids, None, 1, SamplingParams())
-    legacy.transport.supports_append = False  # what an earlier lmql-backends server's answers imply
-    sent = spy_on_sends(legacy, monkeypatch)
-    await legacy.generate(ids + [5], None, 1, SamplingParams())
-    assert "input_ids_after" not in sent[0] and sent[0]["input_ids"] == [ids + [5]]
-
-
-async def test_a_padded_row_is_no_base_for_the_next_one(legacy, inprocess, monkeypatch):
-    ids = encode(inprocess, PROMPTS[0])
-    for _ in range(2):  # HTTP, then the channel
-        await legacy.generate(ids, None, 1, SamplingParams())
-    padded = [7] + ids
-    await legacy.transport.call({  # the server holds `ids` for it: the padding is removed
-        "action": "forward", "input_ids": [padded], "attention_mask": [[0] + [1] * len(ids)], "model_identifier": MODEL,
-    })
-    sent = spy_on_sends(legacy, monkeypatch)
-    got = await legacy.next_token_logits(padded + [5])  # continues the padded row: must be sent whole
-    assert torch.allclose(got, await inprocess.next_token_logits(padded + [5]), atol=1e-4)
-    assert "input_ids_after" not in sent[0] and sent[0]["input_ids"] == [padded + [5]]
-
-
-async def test_a_row_the_channel_no_longer_holds_is_sent_again_whole(legacy, inprocess, monkeypatch):
-    ids = encode(inprocess, PROMPTS[2])
-    for _ in range(2):  # HTTP, then the channel
-        await legacy.generate(ids, None, 1, SamplingParams())
-    channel = legacy.transport._connection.channel
-    channel.last_sample_id = 10**6  # as if the server had dropped the row this one continues
-    sent = spy_on_sends(legacy, monkeypatch)
-    [choice] = await legacy.generate(ids + [5], None, 1, SamplingParams())
-    assert_same_choices([choice], await inprocess.generate(ids + [5], None, 1, SamplingParams()))
-    assert [body.get("input_ids_after") for body in sent] == [10**6, None]
-    assert [len(body["input_ids"][0]) for body in sent] == [1, len(ids) + 1]
-
-
-async def test_callers_arriving_together_share_one_channel(legacy, inprocess, monkeypatch):
-    await legacy.top_tokens([0, 5], None, 2)  # over HTTP: names the channel
-    session = legacy.transport._connection.session
-    connects = []
-    real_connect = session.ws_connect
-
-    def counting_connect(*args, **kwargs):
-        connects.append(args[0])
-        return real_connect(*args, **kwargs)
-
-    monkeypatch.setattr(session, "ws_connect", counting_connect)
-    prompts = [encode(inprocess, text) for text in PROMPTS * 2]
-    got = await asyncio.gather(*(legacy.top_tokens(ids, None, 2) for ids in prompts))
-    assert len(connects) == 1 and connects[0].endswith("/queue/socket")
-    for ids, choices in zip(prompts, got):
-        assert_same_choices(choices, await inprocess.top_tokens(ids, None, 2))
-
-
-async def test_a_refusal_on_the_channel_carries_the_server_text_and_status(legacy, inprocess):
-    await legacy.generate([0, 5], None, 1, SamplingParams())
-    assert legacy.transport.socket_path is not None
-    with pytest.raises(BackendResponseError, match=r"HTTP 400: Bad request\. \(.*attention_mask") as info:
-        await legacy.transport.call({
-            "action": "forward", "input_ids": [[0, 1]], "attention_mask": [[1]], "model_identifier": MODEL,
-        })
-    assert info.value.status == 400
-    with pytest.raises(BackendResponseError, match="serves model builtin:tiny not gpt2"):
-        await legacy.transport.call({"action": "forward", "input_ids": [[0, 1]], "model_identifier": "gpt2"})
-    assert len(await legacy.top_tokens([0, 5], None, 2)) == 2  # the channel is still fine
-
-
 # ---- fake servers on loopback -----------------------------------------------------------------------
 
 
@@ -297,60 +167,6 @@ def make_old_style_app(inprocess: InProcessClient | None) -> web.Application:
     return app
 
 
-async def test_a_server_that_refuses_the_upgrade_gets_http(inprocess):
-    """A server (or proxy) that names a channel but answers its handshake with 404: back to HTTP."""
-    app = make_old_style_app(inprocess)
-
-    @web.middleware
-    async def name_a_channel(request, handler):
-        response = await handler(request)
-        response.headers["X-Queue-Socket"] = "/queue/socket"
-        return response
-
-    app.middlewares.append(name_a_channel)
-    runner, endpoint = await start_app(app)
-    try:
-        async with LegacyClient(MODEL, endpoint, inprocess.tokenizer) as client:
-            await assert_greedy_like_inprocess(client, inprocess, PROMPTS[:3])
-            assert client.transport.socket_path is None and client.transport._connection.channel is None
-    finally:
-        await runner.cleanup()
-
-
-def make_closing_channel_app(inprocess: InProcessClient) -> web.Application:
-    """/queue answers inline and names a channel that takes one message, never answers it, and closes."""
-    async def queue(request):
-        payload = json.loads(await request.read())
-        logits = await inprocess.next_token_logits(payload["input_ids"][0])
-        result = {"client_id": "x", "sample_id": payload["sample_id"], "next_token_logits": [logits.tolist()]}
-        return web.json_response({"sample_id": payload["sample_id"], "result": result},
-                                 headers={"X-Inline-Wait": "1", "X-Inline-Result": "1", "X-Queue-Socket": "/ws"})
-
-    async def channel(request):
-        socket = web.WebSocketResponse()
-        await socket.prepare(request)
-        await socket.receive()
-        await socket.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"broken")
-        return socket
-
-    app = web.Application()
-    app.router.add_post("/queue", queue)
-    app.router.add_get("/ws", channel)
-    return app
-
-
-async def test_a_channel_that_closes_fails_what_waits_on_it(inprocess):
-    runner, endpoint = await start_app(make_closing_channel_app(inprocess))
-    try:
-        async with LegacyClient(MODEL, endpoint, inprocess.tokenizer) as client:
-            await client.top_tokens([0, 3], None, 2)  # over HTTP: names the channel
-            with pytest.raises(BackendUnavailableError, match=r"closed its WebSocket channel \(close code 1011\)"):
-                await client.top_tokens([0, 3, 4], None, 2)
-            assert client.transport._connection.channel is None
-    finally:
-        await runner.cleanup()
-
-
 async def test_polling_fallback_against_an_old_style_server(inprocess):
     runner, endpoint = await start_app(make_old_style_app(inprocess))
     try:
@@ -359,7 +175,6 @@ async def test_polling_fallback_against_an_old_style_server(inprocess):
             ids = encode(inprocess, PROMPTS[2])
             assert await client.score(ids, 1) == pytest.approx(await inprocess.score(ids, 1), abs=1e-4)
             assert client.transport.supports_long_poll is False
-            assert client.transport.supports_inline_wait is False
     finally:
         await runner.cleanup()
 

@@ -18,12 +18,12 @@ def route_paths(app) -> set[str]:
 def test_the_new_api_gets_its_routes_and_none_of_the_legacy_ones(new_server):
     paths = route_paths(make_app(new_server.state))
     assert {"/health", "/metrics", "/v1/completions", "/completions", "/v1/models", "/models"} <= paths
-    assert not {"/queue", "/queue/socket"} & paths
+    assert not {"/queue", "/results/{client_id}"} & paths
 
 
 def test_the_legacy_api_gets_its_routes_and_none_of_the_new_ones(legacy_server):
     paths = route_paths(make_app(legacy_server.state))
-    assert {"/health", "/metrics", "/queue", "/queue/socket", "/results/{client_id}"} <= paths
+    assert {"/health", "/metrics", "/queue", "/results/{client_id}"} <= paths
     assert not {p for p in paths if "completions" in p or "models" in p}
 
 

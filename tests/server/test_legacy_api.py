@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from lmql_backends.legacy_frames import load_json
+from lmql_backends.legacy_json import load_json
 from lmql_backends.loader import load_model
 from lmql_backends.server.legacy.api import LEGACY, format_floats
 from lmql_backends.server.legacy.store import ResultLimits, ResultStore
@@ -343,45 +343,18 @@ def test_bad_wait_value_is_rejected(legacy_server):
     assert "wait" in get_results(legacy_server, "c", wait=-1).headers["X-Error-Detail"]
 
 
-def post_queue_waiting(server, body, wait) -> requests.Response:
-    return requests.post(base_url(server) + "/queue", params={"wait": wait}, data=json.dumps(body), timeout=HTTP_TIMEOUT)
-
-
-def test_queue_wait_answers_with_the_result_itself_exactly_once(legacy_server):
+def test_a_queue_answer_is_the_sample_id_alone_and_the_result_goes_to_results(legacy_server):
+    """As the original server: a query string on /queue changes nothing, the result is collected once."""
     ids = prompt_ids(legacy_server, "Captain Wentworth")
     client_id = new_client_id()
-    response = post_queue_waiting(legacy_server, forward_body(client_id, "inline", [ids]), 10)
-    assert response.status_code == 200 and response.headers["X-Inline-Result"] == "1"
-    answer = response.json()
-    assert answer["sample_id"] == "inline" and answer["result"]["sample_id"] == "inline"
-    assert answer["result"]["client_id"] == f"127.0.0.1-{client_id}"
-    assert_close(answer["result"]["next_token_logits"][0], reference_logits(legacy_server, ids))
-    assert get_results(legacy_server, client_id, wait=0.3).json() == []  # not delivered twice
-
-
-def test_a_result_not_ready_within_the_queue_wait_goes_to_results_exactly_once(legacy_server):
-    ids = [0, *[(i * 37) % 2000 + 1 for i in range(900)]]  # a long fresh prompt: a slow forward
-    client_id = new_client_id()
-    response = post_queue_waiting(legacy_server, forward_body(client_id, "late", [ids]), 0.001)
-    assert response.status_code == 200 and response.headers["X-Inline-Wait"] == "1"
-    inline = [response.json()["result"]] if "result" in response.json() else []
-    stored = collect(legacy_server, client_id, 1) if not inline else get_results(legacy_server, client_id, 0.3).json()
-    [result] = inline + stored
-    assert result["sample_id"] == "late"
+    response = requests.post(base_url(legacy_server) + "/queue", params={"wait": 10},
+                             data=json.dumps(forward_body(client_id, "plain", [ids])), timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200 and response.json() == {"sample_id": "plain"}
+    assert not [name for name in response.headers if name.lower().startswith("x-")]
+    [result] = collect(legacy_server, client_id, 1)
+    assert result["sample_id"] == "plain" and result["client_id"] == f"127.0.0.1-{client_id}"
     assert_close(result["next_token_logits"][0], reference_logits(legacy_server, ids))
-
-
-def test_every_accepted_answer_advertises_the_queue_wait_and_plain_answers_stay_plain(legacy_server):
-    response = post_queue(legacy_server, forward_body(new_client_id(), 1, [[0, 5]]))
-    assert response.headers["X-Inline-Wait"] == "1" and "X-Inline-Result" not in response.headers
-    assert response.json() == {"sample_id": 1}
-
-
-def test_a_bad_queue_wait_is_rejected_before_anything_runs(legacy_server):
-    client_id = new_client_id()
-    response = post_queue_waiting(legacy_server, forward_body(client_id, 1, [[0, 5]]), "soon")
-    assert rejected(response) == "Bad request." and "wait" in response.headers["X-Error-Detail"]
-    assert get_results(legacy_server, client_id, wait=0.3).json() == []
+    assert get_results(legacy_server, client_id, wait=0.3).json() == []  # not delivered twice
 
 
 # ---- the result store and the float encoding (no server needed) ---------------------------------------

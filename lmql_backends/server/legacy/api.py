@@ -5,9 +5,8 @@ submitted to the engine before the server answers ``200`` (a full engine answers
 work then runs in the background (forwards through the shared engine, so they are prefix-cached
 and batched with everything else) and its result waits in a per-client store until the client
 collects it. Every accepted sample gets exactly one result:
-the answer, or an error result (an extension) when the engine fails later. Our extensions
-beyond validation and robustness (the result in the ``/queue`` answer, ``input_ids_after``)
-live in extensions.py; the WebSocket channel in socket.py.
+the answer, or an error result (an extension) when the engine fails later. The headers and
+long-polling of our extensions live in extensions.py.
 """
 
 from __future__ import annotations
@@ -22,17 +21,16 @@ from typing import Any, Callable, Coroutine
 import numpy
 import orjson
 import torch
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from ...engine import PromptOutput, Request
 from ...engine.streams import yield_check
 from ...errors import ContextLengthError, InvalidRequestError, LmqlBackendsError, OverloadedError
-from ...legacy_frames import load_json
+from ...legacy_json import load_json
 from ..errors import error_message
 from ..http import header_safe, read_body, text_error, text_response
 from ..state import STATE, get_state
 from ..validation import first_outside_vocabulary, is_int_list, is_valid_unicode
-from . import extensions
 from .extensions import ERROR_DETAIL_HEADER, LONG_POLL_HEADER, parse_wait
 from .jobs import (
     BAD_REQUEST_TEXT, Deliver, DetokenizeJob, ForwardJob, Job, JobResult, LogitRows, MalformedFieldError, Sample,
@@ -43,7 +41,7 @@ from .store import ResultStore
 log = logging.getLogger("lmql_backends.server.legacy")
 
 #: logits payloads larger than this many floats are formatted off the event loop
-NUM_FLOATS_INLINE = 262144
+NUM_FLOATS_ON_LOOP = 262144
 
 
 # ---- the legacy routes' state ---------------------------------------------------------------
@@ -56,7 +54,6 @@ class LegacyState:
     store: ResultStore
     tokenizer_pool: concurrent.futures.ThreadPoolExecutor
     tasks: set = dataclasses.field(default_factory=set)
-    sockets: set = dataclasses.field(default_factory=set)
 
 
 LEGACY = web.AppKey("legacy", LegacyState)
@@ -68,14 +65,7 @@ async def stop_jobs(app: web.Application) -> None:
     for task in list(legacy.tasks):
         task.cancel()
     await asyncio.gather(*legacy.tasks, return_exceptions=True)
-    await close_sockets(legacy.sockets)
     legacy.tokenizer_pool.shutdown(wait=False)
-
-
-async def close_sockets(sockets: set) -> None:
-    """Close every open WebSocket channel with 1001 (going away); their clients fail what is pending."""
-    closing = [socket.close(code=WSCloseCode.GOING_AWAY, message=b"the server is shutting down") for socket in sockets]
-    await asyncio.gather(*closing, return_exceptions=True)
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -89,11 +79,9 @@ async def handle_queue(request: web.Request) -> web.Response:
     """Validate one action, reserve its capacity, answer ``{"sample_id": ...}`` and run it in the background.
 
     A full engine is refused here with ``429 text/plain`` and ``Retry-After`` (never a lost sample).
-    With ``?wait=SECONDS`` (an extension) the answer waits for the result and carries it when it
-    is ready in time; otherwise the result goes to ``/results`` as usual.
+    The result goes to ``/results``.
     """
     try:
-        wait = parse_wait(request.query.get("wait"))
         payload = await read_payload(request)
         job = parse_job(payload, request)
         work = begin_job(request.app, job)
@@ -101,26 +89,15 @@ async def handle_queue(request: web.Request) -> web.Response:
         return text_response(BAD_REQUEST_TEXT, {ERROR_DETAIL_HEADER: header_safe(str(exc))})
     except LmqlBackendsError as exc:  # invalid values (400), body over the limit (413), overload (429)
         return text_error(exc)
-    inline = asyncio.get_running_loop().create_future() if wait > 0 else None
-    start_job(request.app, job, work, http_delivery(request.app, inline))
+    start_job(request.app, job, work, store_delivery(request.app))
     head = json.dumps({"sample_id": job.sample.sample_id}).encode()
-    store = request.app[LEGACY].store
-    result = await extensions.wait_inline(inline, wait, store, job.sample) if inline else None
-    if result is None:
-        return web.Response(body=head, content_type="application/json", headers=extensions.ACCEPTED_HEADERS)
-    body = extensions.with_inline_result(head, result)
-    headers = {**extensions.ACCEPTED_HEADERS, extensions.INLINE_HEADER: "1"}
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    return web.Response(body=head, content_type="application/json")
 
 
-def http_delivery(app: web.Application, inline: asyncio.Future | None) -> Deliver:
-    """Results as JSON: in the /queue answer if it still waits (`inline`), else in the result store."""
+def store_delivery(app: web.Application) -> Deliver:
+    """Results as JSON, into the result store of their client."""
     async def deliver(sample: Sample, result: JobResult) -> None:
-        payload = await encode_json_result(sample, result)
-        if inline is not None and not inline.done():
-            inline.set_result(payload)
-        else:
-            app[LEGACY].store.put(sample.client_key, payload)
+        app[LEGACY].store.put(sample.client_key, await encode_json_result(sample, result))
 
     return deliver
 
@@ -144,20 +121,17 @@ def parse_payload(body: bytes | str) -> dict:
     return payload
 
 
-def parse_job(payload: dict, request: web.Request, base: tuple[int, ...] | None = None) -> Job:
-    """The typed job of an action. `base`: the row its ``input_ids_after`` names (extension 16),
-    resolved by the WebSocket channel; None where the field is not accepted (``POST /queue``)."""
+def parse_job(payload: dict, request: web.Request) -> Job:
+    """The typed job of an action."""
     action = payload["action"]
     parse = ACTION_PARSERS.get(action) if isinstance(action, str) else None
     if parse is None:
         raise InvalidRequestError(f"Unknown action: {action}", "action")
-    base = extensions.resolve_after(payload, base)
-    return parse_forward(payload, request, base) if base else parse(payload, request)
+    return parse(payload, request)
 
 
-def parse_forward(payload: dict, request: web.Request, base: tuple[int, ...] = ()) -> ForwardJob:
-    """Fields in the order the original server read them (so the same error wins). `base`: a
-    checked row that the one row of `input_ids` follows (extension 16): only new ids are checked."""
+def parse_forward(payload: dict, request: web.Request) -> ForwardJob:
+    """Fields in the order the original server read them (so the same error wins)."""
     state = get_state(request)
     input_ids = require(payload, "input_ids")
     mask = payload.get("attention_mask")
@@ -166,10 +140,8 @@ def parse_forward(payload: dict, request: web.Request, base: tuple[int, ...] = (
         raise InvalidRequestError(f"The inference API serves model {state.model_name} not {model}.", "model_identifier")
     sample = make_sample(payload, request)
     rows, is_batched = make_rows(input_ids, mask)
-    if base:
-        rows = extensions.appended_rows(base, rows, mask)
     for index, row in enumerate(rows):
-        check_row(row, row_name(index, is_batched), state.loaded.vocab_size, state.loaded.context_length, len(base))
+        check_row(row, row_name(index, is_batched), state.loaded.vocab_size, state.loaded.context_length)
     return ForwardJob(sample, rows, is_batched)
 
 
@@ -254,9 +226,8 @@ def row_name(index: int, is_batched: bool) -> str:
     return f"input_ids row {index}" if is_batched else "input_ids"
 
 
-def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: int, num_checked: int = 0) -> None:
-    """Reject rows the engine cannot run, naming the limit and the fix (the first `num_checked`
-    ids were checked before: an earlier row of the channel)."""
+def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: int) -> None:
+    """Reject rows the engine cannot run, naming the limit and the fix."""
     if not row:
         raise InvalidRequestError(
             f"{name} is empty (after removing attention_mask padding); send at least 1 token id", "input_ids"
@@ -266,7 +237,7 @@ def check_row(row: tuple[int, ...], name: str, vocab_size: int, context_length: 
             f"{name} has {len(row)} tokens, more than the model's context length of {context_length} "
             f"tokens; send at most {context_length} tokens", "input_ids"
         )
-    check_vocabulary(row[num_checked:] if num_checked else row, name, vocab_size)
+    check_vocabulary(row, name, vocab_size)
 
 
 def check_vocabulary(ids, name: str, vocab_size: int) -> None:
@@ -429,7 +400,7 @@ def encode_result(sample: Sample, field: str, value_json: str) -> bytes:
 
 async def encode_logits(rows: list[torch.Tensor], is_batched: bool) -> str:
     """``[[V floats], ...]`` for a 2-D forward, ``[V floats]`` for 1-D; large ones off the loop."""
-    if sum(row.numel() for row in rows) > NUM_FLOATS_INLINE:
+    if sum(row.numel() for row in rows) > NUM_FLOATS_ON_LOOP:
         return await asyncio.to_thread(format_logits, rows, is_batched)
     return format_logits(rows, is_batched)
 

@@ -1,4 +1,4 @@
-"""The legacy API's routes: the frozen protocol (api.py) plus our WebSocket channel (socket.py).
+"""The legacy API's routes (the frozen protocol, api.py).
 
 `add_routes` is what the composition root (server/app.py) calls when serving ``--legacy``.
 """
@@ -10,8 +10,6 @@ import concurrent.futures
 from aiohttp import web
 
 from .api import LEGACY, LegacyState, handle_queue, handle_results, not_found, stop_jobs
-from .extensions import SOCKET_PATH
-from .socket import handle_socket
 from .store import ResultLimits, ResultStore
 
 
@@ -21,7 +19,6 @@ def add_routes(app: web.Application, limits: ResultLimits = ResultLimits()) -> N
     app[LEGACY] = LegacyState(ResultStore(limits), pool)
     app.router.add_post("/queue", handle_queue)
     app.router.add_get("/results/{client_id}", handle_results)
-    app.router.add_get(SOCKET_PATH, handle_socket)
     app.router.add_get("/queue", not_found)
     app.router.add_post("/results/{client_id}", not_found)
     app.on_shutdown.append(stop_jobs)
