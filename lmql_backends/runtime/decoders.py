@@ -496,9 +496,14 @@ class BeamSearch:
         return sorted(beams, key=lambda b: (-self.score(b), b.ids))[:self.n]
 
     async def run(self) -> list[QueryResult]:
+        """The results of the done sequences, best first."""
+        return [beam.result for beam in await self.search()]
+
+    async def search(self) -> list[Beam]:
+        """The done sequences (with their results), by summed log-probability, best first."""
         first = await replay(self.session, ())
         if first.result is not None:  # a query without holes
-            return [first.result]
+            return [Beam((), (), result=first.result)]
         ids = tuple(self.session.context_ids(first.prompt))
         live = [Beam(ids, (0.0,) * len(ids), pending=PendingHole(first.hole, first.constraints, len(ids)))]
         done: list[Beam] = []
@@ -512,7 +517,7 @@ class BeamSearch:
             if not live or (len(done) == self.n and max(map(self.score, live)) < min(map(self.score, done))):
                 break
         finished = [await self.finish(b) for b in done]
-        return [b.result for b in sorted(finished, key=lambda b: (-b.logprob, b.ids))]
+        return sorted(finished, key=lambda b: (-b.logprob, b.ids))
 
     async def finish(self, beam: Beam) -> Beam:
         """A done beam with its result (a beam stopped by the length limit: truncated)."""
