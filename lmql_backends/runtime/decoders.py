@@ -445,9 +445,10 @@ class BeamSearch:
       ``len(TOKENS)`` bound is reached, ``runtime/interpreter.py:575-588``). Then the program
       runs to its next hole (``interpreter.py:749-883``): the value's text and the prompt text
       after it are tokenized separately (EOS appended when the query ends) and replace the
-      value's tokens; tokens equal to the old ones keep their scores, the others are scored by
-      the model without mask (``runtime/dclib/dclib_rewrite.py:104-174``,
-      ``lmtp_dcmodel.py:417-479``). The value and the first prompt token join the sequence at
+      value's tokens; tokens equal to the old ones keep their scores, the others get the
+      log-probability LMQL's cache holds for that token after that context (from an earlier
+      top-n list), else are scored by the model without mask (``runtime/dclib/dclib_rewrite.py:
+      104-174``, ``dclib_cache.py:389-403,470-500``, ``lmtp_dcmodel.py:417-479``). The value and the first prompt token join the sequence at
       once, the other prompt tokens one per step (``dclib_rewrite.py:160-170``,
       ``lmtp_dcmodel.py:361-365``). A value that is unchanged with no prompt text after it is
       not rewritten: its EOS stays when the query ends there, else it is dropped
@@ -474,6 +475,31 @@ class BeamSearch:
         self.n = session.spec.n
         self.eos = session.table.eos_token_id
         self.num_bos = 0 if session.client.bos_token_id is None else 1
+        self.seen: dict[tuple[int, ...], dict[int, float]] = {}  # context -> token -> logprob LMQL has
+
+    def remember(self, context: tuple[int, ...], token_id: int, logprob: float) -> None:
+        self.seen.setdefault(context, {})[token_id] = logprob  # the latest wins, as in set_cache
+
+    async def scores(self, prefix: tuple[int, ...], token_ids: list[int]) -> list[float]:
+        """The log-probabilities of `token_ids` after `prefix` as LMQL's CachedDcModel gives them.
+
+        Tokens already seen after the same context (in a top-n list, with that step's masked
+        log-probability) keep that value, up to the first unseen one; the rest are scored by the
+        model without mask (``dclib_cache.py:389-403,470-500``, cached from token streams,
+        ``dclib_cache.py:520-570``).
+        """
+        context, scores = prefix, []
+        while len(scores) < len(token_ids) and token_ids[len(scores)] in self.seen.get(context, {}):
+            scores.append(self.seen[context][token_ids[len(scores)]])
+            context = context + (token_ids[len(scores) - 1],)
+        rest = token_ids[len(scores):]
+        if rest:
+            raw = await self.client.score(list(context) + rest, len(context))
+            for token_id, logprob in zip(rest, raw):
+                self.remember(context, token_id, logprob)
+                context = context + (token_id,)
+            scores.extend(raw)
+        return scores
 
     def length(self, beam: Beam) -> int:
         """LMQL's ``len(seq)``: the tokens after BOS."""
@@ -534,16 +560,17 @@ class BeamSearch:
             return [beam.extended(token_id, logprob, queue=rest)]
         pending = beam.pending
         if pending.progress.is_finished:  # a stop phrase ended it: the mask now allows only EOS
-            return [await self.end_value(beam.extended(self.eos, 0.0), pending.progress)]
+            return [await self.end_value(self.forced_eos(beam), pending.progress)]
         budget = self.session.spec.max_len - (pending.start - self.num_bos)
         if self.session.context_length is not None:
             budget = min(budget, self.session.context_length - pending.start)
         step = pending.constraints.step(pending.progress, budget)
         if step.is_forced_end:
-            return [await self.end_value(beam.extended(self.eos, 0.0), pending.progress.end("forced"))]
+            return [await self.end_value(self.forced_eos(beam), pending.progress.end("forced"))]
         choices = await self.client.top_tokens(list(beam.ids), step.mask, min(self.n, MAX_TOP_TOKENS))
         children = []
         for choice in choices:
+            self.remember(beam.ids, choice.token_id, choice.logprob)
             check_allowed(step.mask, choice.token_id, pending.constraints.variable)
             progress = pending.constraints.advance(pending.progress, choice.token_id)
             child = beam.extended(choice.token_id, choice.logprob)
@@ -552,6 +579,11 @@ class BeamSearch:
             else:
                 children.append(dataclasses.replace(child, pending=dataclasses.replace(pending, progress=progress)))
         return children
+
+    def forced_eos(self, beam: Beam) -> Beam:
+        """`beam` and EOS, the one token its mask allows (log-probability 0, lmtp_dcmodel.py:247-250)."""
+        self.remember(beam.ids, self.eos, 0.0)
+        return beam.extended(self.eos, 0.0)
 
     async def end_value(self, beam: Beam, progress: Progress) -> Beam:
         """`beam` (ending in EOS) after its variable ended: the program runs on to its next hole."""
@@ -575,7 +607,7 @@ class BeamSearch:
         while same < min(len(old_ids), len(new_ids)) and old_ids[same] == new_ids[same]:
             same += 1
         prefix, appended_ids = beam.ids[:start + same], new_ids[same:]
-        scores = await self.client.score(list(prefix) + appended_ids, len(prefix)) if appended_ids else []
+        scores = await self.scores(prefix, appended_ids)
         joined = max(len(value_ids) - same, 0) + 1
         rewritten = dataclasses.replace(
             beam, ids=prefix + tuple(appended_ids[:joined]),
