@@ -453,6 +453,9 @@ class BeamSearch:
       ``lmtp_dcmodel.py:361-365``). A value that is unchanged with no prompt text after it is
       not rewritten: its EOS stays when the query ends there, else it is dropped
       (``interpreter.py:884-892``).
+    - When a mask allows one token and one option of ``in``/``==`` is left (LMQL's mask
+      ``tail``, ``ops/token_set.py:289-296``), that token is followed at once by the option's
+      other tokens but the last, scored like a rewrite (``interpreter.py:688-702``).
     - A sequence is done when it ends in EOS or has `max_len` tokens (``decoders.py:156,163``,
       ``dclib_array.py:46-61``; `len` counts the prompt, not BOS). The live and the done
       sequences are each cut to the best `n` (``decoders.py:165-166``) by ``dc.topk``'s default
@@ -568,6 +571,7 @@ class BeamSearch:
         if step.is_forced_end:
             return [await self.end_value(self.forced_eos(beam), pending.progress.end("forced"))]
         choices = await self.client.top_tokens(list(beam.ids), step.mask, min(self.n, MAX_TOP_TOKENS))
+        tail = self.tail_ids(pending, step.mask)
         children = []
         for choice in choices:
             self.remember(beam.ids, choice.token_id, choice.logprob)
@@ -576,9 +580,34 @@ class BeamSearch:
             child = beam.extended(choice.token_id, choice.logprob)
             if choice.token_id == self.eos:
                 children.append(await self.end_value(child, progress))
-            else:
-                children.append(dataclasses.replace(child, pending=dataclasses.replace(pending, progress=progress)))
+                continue
+            if tail and tail[0] == choice.token_id:
+                child, progress = await self.join_tail(child, pending, progress, tail[1:-1])
+            children.append(dataclasses.replace(child, pending=dataclasses.replace(pending, progress=progress)))
         return children
+
+    def tail_ids(self, pending: PendingHole, mask) -> list[int] | None:
+        """LMQL's tail: one token allowed and one option left, tokenized (``interpreter.py:489-494``)."""
+        if mask is None or int(mask.sum()) != 1:
+            return None
+        rest = pending.constraints.tail(pending.progress)
+        try:
+            ids = self.tokenize(rest.decode("utf-8")) if rest else []
+        except UnicodeDecodeError:
+            return None
+        return ids if len(ids) >= 3 else None
+
+    async def join_tail(self, beam: Beam, pending: PendingHole, progress: Progress, token_ids: list[int]):
+        """The tail's middle tokens join the value at once, scored as LMQL's rewrite does.
+
+        ``interpreter.py:688-702``: after the tail's first token, the sequence is rewritten to
+        end with all of the tail's tokens but its last (which the next step gives).
+        """
+        scores = await self.scores(beam.ids, token_ids)
+        for token_id, logprob in zip(token_ids, scores):
+            beam = beam.extended(token_id, logprob)
+            progress = pending.constraints.advance(progress, token_id)
+        return beam, progress
 
     def forced_eos(self, beam: Beam) -> Beam:
         """`beam` and EOS, the one token its mask allows (log-probability 0, lmtp_dcmodel.py:247-250)."""
