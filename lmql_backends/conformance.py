@@ -141,6 +141,11 @@ BUILTIN_CASES: tuple[ConformanceCase, ...] = (
     ConformanceCase("multibyte-len", 'argmax "Café ☕ 東京:[X]" where len(X) < 6 and len(TOKENS(X)) < 8'),
     ConformanceCase("int-ends", 'argmax "A number:[N]" where INT(N) and len(TOKENS(N)) < 8'),
     ConformanceCase("regex-complete", 'argmax "Hello[X]" where REGEX(X, r"(lo){1,3}")'),
+    ConformanceCase("beam-n2-stops-at", 'beam(n=2) "Hello[X]" where STOPS_AT(X, ".") and len(TOKENS(X)) < 10'),
+    ConformanceCase("beam-n3-stops-at", 'beam(n=3) "It is a truth[X]" where STOPS_AT(X, ",") and len(TOKENS(X)) < 12'),
+    ConformanceCase("beam-n2-in", 'beam(n=2) "Q: Name a colour:[C]" where C in [" red", " green", " blue", " yellow"]'),
+    ConformanceCase("beam-n3-text-after", 'beam(n=3) "Hello[X]!" where len(TOKENS(X)) < 4'),
+    ConformanceCase("beam-n2-max-len", 'beam(n=2, max_len=10) "Hello[X]"'),
     ConformanceCase("beam-multibyte", 'beam(n=2) "東京[X]" where len(X) < 4 and len(TOKENS(X)) < 4'),
     ConformanceCase("distribution", 'argmax "It was[X]" distribution X in [" a", " the", " very"]'),
     ConformanceCase(

@@ -123,6 +123,10 @@ class Bound:
         """How many more tokens the constraint lets the value have (None: no limit)."""
         return None
 
+    def tail(self, progress: Progress) -> bytes | None:
+        """The one rest an option constraint leaves (LMQL's mask ``tail``), else None."""
+        return None
+
     def describe(self, variable: str) -> str:
         """The constraint as written in a where clause (for error messages)."""
         return "a condition"
@@ -160,6 +164,9 @@ class BoundAll(Bound):
     def tokens_left(self, progress):
         limits = [n for n in (c.tokens_left(progress) for c in self.children) if n is not None]
         return min(limits, default=None)
+
+    def tail(self, progress):
+        return next((t for t in (c.tail(progress) for c in self.children) if t is not None), None)
 
     def describe(self, variable):
         return " and ".join(c.describe(variable) for c in self.children)
@@ -276,6 +283,12 @@ class BoundOptions(Bound):
 
     def useful_tokens(self, progress):
         return None if self.is_negated else 1
+
+    def tail(self, progress):
+        """LMQL 0.7.3 (``ops/token_set.py:289-296``): one remaining option gives its rest as a tail."""
+        value = progress.value_bytes
+        rests = [o[len(value):] for o in self.options if len(o) > len(value) and o.startswith(value)]
+        return rests[0] if len(rests) == 1 and not self.is_negated else None
 
     def describe(self, variable):
         options = [o.decode("utf-8", "replace") for o in self.options]
@@ -604,6 +617,10 @@ class VariableConstraints:
             f"allows no next token after {progress.text!r} and does not let {self.variable} end{budget}; "
             "raise the token budget (len(TOKENS(...)) or max_len) or relax the constraint"
         )
+
+    def tail(self, progress: Progress) -> bytes | None:
+        """The rest of the one option the value can still become, if the constraints leave one."""
+        return self.tree.tail(progress)
 
     def advance(self, progress: Progress, token_id: int) -> Progress:
         """`progress` after `token_id`: EOS ends the variable, a stop phrase ends and cuts it."""

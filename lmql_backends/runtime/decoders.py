@@ -7,9 +7,8 @@ first is kept only while the mask recomputed before it equals ``mask0`` (so it i
 token a per-token decode would choose) and the variable has not ended; when the mask is known
 to change after every token (``X in options``, ``len(X) < N``, the first INT token) one token
 is asked for, and no more than a ``len(TOKENS(X))`` bound leaves; this changes no result, it
-only avoids generating tokens that would be discarded. Beam search keeps the
-`n` best partial programs (sum of token log-probabilities, ties broken by token ids) and
-replays the program to reach each beam's next hole.
+only avoids generating tokens that would be discarded. Beam search is LMQL 0.7.3's
+token-level ``beam_search`` over whole runs of the program (BeamSearch has the facts).
 """
 
 from __future__ import annotations
@@ -332,40 +331,51 @@ def check_allowed(mask, token_id: int, variable: str) -> None:
 
 # ---- beam search -------------------------------------------------------------------------------------
 
+BEAM_LENGTH_ALPHA = 0.7  # LMQL 0.7.3 dc.topk's default scorer, alpha_length_normalized
+
+
 @dataclasses.dataclass(frozen=True)
 class PendingHole:
-    """The hole a beam is generating: its context ids, constraints and progress."""
+    """The hole a beam is generating: its constraints, where its value starts, and its progress."""
 
     hole: HoleContext
     constraints: VariableConstraints
-    ids: tuple[int, ...]
+    start: int  # index in Beam.ids of the value's first token
     progress: Progress = Progress()
 
 
 @dataclasses.dataclass(frozen=True)
 class Beam:
-    """A partial (or finished) run of the program."""
+    """One LMQL decoder sequence: every token of the run so far and the program state.
 
+    `ids` are the model's context (BOS, prompt, values, prompt text between holes); `logprobs`
+    has one entry per id (0 for the initial prompt). `queue` holds prompt tokens after a value
+    that are already scored and join the sequence one per step; `result` is set once the
+    program has ended.
+    """
+
+    ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
     holes: tuple[Progress, ...] = ()
-    score: float = 0.0
-    token_ids: tuple[int, ...] = ()
     pending: PendingHole | None = None
+    queue: tuple[tuple[int, float], ...] = ()
     result: QueryResult | None = None
 
-    @property
-    def is_finished(self) -> bool:
-        return self.result is not None
+    def extended(self, token_id: int, logprob: float, **changes) -> "Beam":
+        return dataclasses.replace(self, ids=self.ids + (token_id,), logprobs=self.logprobs + (logprob,), **changes)
 
-    def sort_key(self):
-        return (-self.score, self.token_ids)
+    @property
+    def logprob(self) -> float:
+        """The summed log-probability of every token (LMQL's final order)."""
+        return math.fsum(self.logprobs)
 
 
 class _Suspended(Exception):
     """Raised by the replay filler at the first hole a beam has not generated yet."""
 
-    def __init__(self, pending: PendingHole):
+    def __init__(self, hole: HoleContext, constraints: VariableConstraints):
         super().__init__("beam suspended at a hole")
-        self.pending = pending
+        self.hole, self.constraints = hole, constraints
 
 
 class ReplayFiller(FrameRecords):
@@ -376,6 +386,7 @@ class ReplayFiller(FrameRecords):
         self.holes = holes
         self.distribution: list[OptionScore] | None = None
         self.index = 0
+        self.last_filled: FilledHole | None = None
 
     async def __call__(self, hole: HoleContext) -> FilledHole:
         if self.session.is_distribution(hole):
@@ -383,61 +394,270 @@ class ReplayFiller(FrameRecords):
             return filled
         if self.index < len(self.holes):
             self.index += 1
-            return self.session.finish_variable(hole, self.holes[self.index - 1], self.records(hole))
-        constraints, ids = self.session.start_variable(hole, self.records(hole))
-        raise _Suspended(PendingHole(hole, constraints, ids))
+            progress = self.holes[self.index - 1]
+            try:
+                self.last_filled = self.session.finish_variable(hole, progress, self.records(hole))
+            except StopProgram as stop:
+                self.last_filled = stop.filled
+                raise
+            return self.last_filled
+        constraints, _ = self.session.start_variable(hole, self.records(hole))
+        raise _Suspended(hole, constraints)
 
 
-async def replay(session: QuerySession, beam: Beam) -> Beam:
-    """Run the program with the beam's finished holes up to its next hole (or to the end)."""
-    filler = ReplayFiller(session, beam.holes)
+@dataclasses.dataclass(frozen=True)
+class Replayed:
+    """Where the program is after a beam's finished holes: the next hole, or the result."""
+
+    prompt: str  # the prompt text up to the next hole (or the whole prompt)
+    hole: HoleContext | None = None
+    constraints: VariableConstraints | None = None
+    result: QueryResult | None = None
+    last_value: str | None = None  # the text the last finished hole put into the prompt
+
+
+async def replay(session: QuerySession, holes: tuple[Progress, ...]) -> Replayed:
+    """Run the program with `holes` as its finished values, up to its next hole (or to the end)."""
+    filler = ReplayFiller(session, holes)
     try:
         trace = await session.query.prompt.execute(session.inputs, filler, session.scope)
     except _Suspended as suspended:
-        return dataclasses.replace(beam, pending=suspended.pending)
-    if filler.index != len(beam.holes):
+        last = filler.last_filled.text if filler.last_filled else None
+        return Replayed(suspended.hole.prompt, suspended.hole, suspended.constraints, last_value=last)
+    if filler.index != len(holes):
         raise EngineError("the query's holes changed between replays; beam search needs a deterministic prompt")
-    return dataclasses.replace(beam, pending=None, result=make_result(trace, session.distribution, filler.distribution))
+    result = make_result(trace, session.distribution, filler.distribution)
+    return Replayed(trace.prompt, result=result, last_value=filler.last_filled.text if filler.last_filled else None)
 
 
-async def complete_hole(session: QuerySession, beam: Beam, progress: Progress) -> Beam:
-    return await replay(session, dataclasses.replace(beam, holes=beam.holes + (progress,), pending=None))
+class BeamSearch:
+    """LMQL 0.7.3's ``beam(n)`` (its ``beam_search`` decoder) over whole runs of the program.
 
+    The facts, from LMQL 0.7.3's source (``src/lmql/...``):
 
-async def expand(session: QuerySession, beam: Beam) -> list[Beam]:
-    """The children of a live beam: one per top token (or the end of its variable)."""
-    pending = beam.pending
-    progress = pending.progress
-    if session.limit - len(pending.ids) - progress.num_tokens <= 0:
-        return [await complete_hole(session, beam, progress.end("length"))]
-    step = pending.constraints.step(progress, session.limit - len(pending.ids))
-    if step.is_forced_end:
-        return [await complete_hole(session, beam, progress.end("forced"))]
-    context = list(pending.ids) + list(progress.token_ids)
-    choices = await session.client.top_tokens(context, step.mask, min(session.spec.n, MAX_TOP_TOKENS))
-    children = [make_child(pending, beam, c.token_id, c.logprob, step.mask) for c in choices]
-    return [await complete_hole(session, child, child.pending.progress) if child.pending.progress.is_finished
-            else child for child in children]
+    - One sequence starts with the prompt up to the first hole (``runtime/dclib/decoders.py:152``).
+      Each step, every live sequence is extended by its `n` most likely next tokens under the
+      constraint mask (``topk_continuations(h, k=n)``, decoders.py:161), with log-probabilities
+      of the masked distribution (``log_softmax(logits + bias)``,
+      ``models/lmtp/backends/transformers_model.py:108-115``); a mask allowing one token gives
+      that token with log-probability 0 (``models/lmtp/lmtp_dcmodel.py:247-250``).
+    - A variable ends with an EOS token (the mask allows only EOS once a stop phrase or a
+      ``len(TOKENS)`` bound is reached, ``runtime/interpreter.py:575-588``). Then the program
+      runs to its next hole (``interpreter.py:749-883``): the value's text and the prompt text
+      after it are tokenized separately (EOS appended when the query ends) and replace the
+      value's tokens; tokens equal to the old ones keep their scores, the others get the
+      log-probability LMQL's cache holds for that token after that context (from an earlier
+      top-n list), else are scored by the model without mask (``runtime/dclib/dclib_rewrite.py:
+      104-174``, ``dclib_cache.py:389-403,470-500``, ``lmtp_dcmodel.py:417-479``). The value and the first prompt token join the sequence at
+      once, the other prompt tokens one per step (``dclib_rewrite.py:160-170``,
+      ``lmtp_dcmodel.py:361-365``). A value that is unchanged with no prompt text after it is
+      not rewritten: its EOS stays when the query ends there, else it is dropped
+      (``interpreter.py:884-892``).
+    - When a mask allows one token and one option of ``in``/``==`` is left (LMQL's mask
+      ``tail``, ``ops/token_set.py:289-296``), that token is followed at once by the option's
+      other tokens but the last, scored like a rewrite (``interpreter.py:688-702``).
+    - A sequence is done when it ends in EOS or has `max_len` tokens (``decoders.py:156,163``,
+      ``dclib_array.py:46-61``; `len` counts the prompt, not BOS). The live and the done
+      sequences are each cut to the best `n` (``decoders.py:165-166``) by ``dc.topk``'s default
+      score, ``sum(logprobs) / len(seq) ** 0.7`` over the whole sequence, the prompt counting
+      with log-probability 0 (``dclib_array.py:99-111,169-171``, ``dclib_seq.py:101-104``).
+    - The search stops when nothing is live, or `n` sequences are done and the best live score
+      is below the worst done one (``decoders.py:169``), or after `max_len` steps (decoders.py:158).
+    - The result is the done sequences, at most `n`, by summed log-probability, best first
+      (``decoders.py:174``); sequences of different tokens with the same value are kept.
 
+    Differences, on purpose: LMQL 0.7.3 fails with an AssertionError when a sequence reaches
+    `max_len` (``interpreter.py:1122``); here its value is returned with ``is_truncated``. LMQL
+    also expands tokens the mask forbids (at log-probability about -100) when fewer than `n`
+    are allowed; here only allowed tokens are expanded.
+    """
 
-def make_child(pending: PendingHole, beam: Beam, token_id: int, logprob: float, mask) -> Beam:
-    check_allowed(mask, token_id, pending.constraints.variable)
-    progress = pending.constraints.advance(pending.progress, token_id)
-    return dataclasses.replace(
-        beam, score=beam.score + logprob, token_ids=beam.token_ids + (token_id,),
-        pending=dataclasses.replace(pending, progress=progress),
-    )
+    def __init__(self, session: QuerySession):
+        self.session = session
+        self.client = session.client
+        self.n = session.spec.n
+        self.eos = session.table.eos_token_id
+        self.num_bos = 0 if session.client.bos_token_id is None else 1
+        self.seen: dict[tuple[int, ...], dict[int, float]] = {}  # context -> token -> logprob LMQL has
+
+    def remember(self, context: tuple[int, ...], token_id: int, logprob: float) -> None:
+        self.seen.setdefault(context, {})[token_id] = logprob  # the latest wins, as in set_cache
+
+    async def scores(self, prefix: tuple[int, ...], token_ids: list[int]) -> list[float]:
+        """The log-probabilities of `token_ids` after `prefix` as LMQL's CachedDcModel gives them.
+
+        Tokens already seen after the same context (in a top-n list, with that step's masked
+        log-probability) keep that value, up to the first unseen one; the rest are scored by the
+        model without mask (``dclib_cache.py:389-403,470-500``, cached from token streams,
+        ``dclib_cache.py:520-570``).
+        """
+        context, scores = prefix, []
+        while len(scores) < len(token_ids) and token_ids[len(scores)] in self.seen.get(context, {}):
+            scores.append(self.seen[context][token_ids[len(scores)]])
+            context = context + (token_ids[len(scores) - 1],)
+        rest = token_ids[len(scores):]
+        if rest:
+            raw = await self.client.score(list(context) + rest, len(context))
+            for token_id, logprob in zip(rest, raw):
+                self.remember(context, token_id, logprob)
+                context = context + (token_id,)
+            scores.extend(raw)
+        return scores
+
+    def length(self, beam: Beam) -> int:
+        """LMQL's ``len(seq)``: the tokens after BOS."""
+        return len(beam.ids) - self.num_bos
+
+    def score(self, beam: Beam) -> float:
+        length = self.length(beam)
+        return beam.logprob / length ** BEAM_LENGTH_ALPHA if length > 0 else 0.0
+
+    def is_done(self, beam: Beam) -> bool:
+        if beam.result is not None and not beam.queue and beam.ids[-1] == self.eos:
+            return True
+        return self.is_at_limit(beam)
+
+    def is_at_limit(self, beam: Beam) -> bool:
+        context = self.session.context_length
+        return self.length(beam) >= self.session.spec.max_len or (context is not None and len(beam.ids) >= context)
+
+    def best(self, beams: list[Beam]) -> list[Beam]:
+        return sorted(beams, key=lambda b: (-self.score(b), b.ids))[:self.n]
+
+    async def run(self) -> list[QueryResult]:
+        """The results of the done sequences, best first."""
+        return [beam.result for beam in await self.search()]
+
+    async def search(self) -> list[Beam]:
+        """The done sequences (with their results), by summed log-probability, best first."""
+        first = await replay(self.session, ())
+        if first.result is not None:  # a query without holes
+            return [Beam((), (), result=first.result)]
+        ids = tuple(self.session.context_ids(first.prompt))
+        live = [Beam(ids, (0.0,) * len(ids), pending=PendingHole(first.hole, first.constraints, len(ids)))]
+        done: list[Beam] = []
+        for _ in range(self.session.spec.max_len):
+            if not live:
+                break
+            expansions = await asyncio.gather(*(self.expand(b) for b in live))
+            pool = [child for children in expansions for child in children] + done
+            live = self.best([b for b in pool if not self.is_done(b)])
+            done = self.best([b for b in pool if self.is_done(b)])
+            if not live or (len(done) == self.n and max(map(self.score, live)) < min(map(self.score, done))):
+                break
+        finished = [await self.finish(b) for b in done]
+        return sorted(finished, key=lambda b: (-b.logprob, b.ids))
+
+    async def finish(self, beam: Beam) -> Beam:
+        """A done beam with its result (a beam stopped by the length limit: truncated)."""
+        if beam.result is not None:
+            return beam
+        progress = beam.pending.progress
+        holes = beam.holes + (progress if progress.is_finished else progress.end("length"),)
+        return dataclasses.replace(beam, result=(await replay(self.session, holes)).result)
+
+    async def expand(self, beam: Beam) -> list[Beam]:
+        """The children of a live beam for one step."""
+        if beam.queue:
+            (token_id, logprob), rest = beam.queue[0], beam.queue[1:]
+            return [beam.extended(token_id, logprob, queue=rest)]
+        pending = beam.pending
+        if pending.progress.is_finished:  # a stop phrase ended it: the mask now allows only EOS
+            return [await self.end_value(self.forced_eos(beam), pending.progress)]
+        budget = self.session.spec.max_len - (pending.start - self.num_bos)
+        if self.session.context_length is not None:
+            budget = min(budget, self.session.context_length - pending.start)
+        step = pending.constraints.step(pending.progress, budget)
+        if step.is_forced_end:
+            return [await self.end_value(self.forced_eos(beam), pending.progress.end("forced"))]
+        choices = await self.client.top_tokens(list(beam.ids), step.mask, min(self.n, MAX_TOP_TOKENS))
+        tail = self.tail_ids(pending, step.mask)
+        children = []
+        for choice in choices:
+            self.remember(beam.ids, choice.token_id, choice.logprob)
+            check_allowed(step.mask, choice.token_id, pending.constraints.variable)
+            progress = pending.constraints.advance(pending.progress, choice.token_id)
+            child = beam.extended(choice.token_id, choice.logprob)
+            if choice.token_id == self.eos:
+                children.append(await self.end_value(child, progress))
+                continue
+            if tail and tail[0] == choice.token_id:
+                child, progress = await self.join_tail(child, pending, progress, tail[1:-1])
+            children.append(dataclasses.replace(child, pending=dataclasses.replace(pending, progress=progress)))
+        return children
+
+    def tail_ids(self, pending: PendingHole, mask) -> list[int] | None:
+        """LMQL's tail: one token allowed and one option left, tokenized (``interpreter.py:489-494``)."""
+        if mask is None or int(mask.sum()) != 1:
+            return None
+        rest = pending.constraints.tail(pending.progress)
+        try:
+            ids = self.tokenize(rest.decode("utf-8")) if rest else []
+        except UnicodeDecodeError:
+            return None
+        return ids if len(ids) >= 3 else None
+
+    async def join_tail(self, beam: Beam, pending: PendingHole, progress: Progress, token_ids: list[int]):
+        """The tail's middle tokens join the value at once, scored as LMQL's rewrite does.
+
+        ``interpreter.py:688-702``: after the tail's first token, the sequence is rewritten to
+        end with all of the tail's tokens but its last (which the next step gives).
+        """
+        scores = await self.scores(beam.ids, token_ids)
+        for token_id, logprob in zip(token_ids, scores):
+            beam = beam.extended(token_id, logprob)
+            progress = pending.constraints.advance(progress, token_id)
+        return beam, progress
+
+    def forced_eos(self, beam: Beam) -> Beam:
+        """`beam` and EOS, the one token its mask allows (log-probability 0, lmtp_dcmodel.py:247-250)."""
+        self.remember(beam.ids, self.eos, 0.0)
+        return beam.extended(self.eos, 0.0)
+
+    async def end_value(self, beam: Beam, progress: Progress) -> Beam:
+        """`beam` (ending in EOS) after its variable ended: the program runs on to its next hole."""
+        start = beam.pending.start
+        holes = beam.holes + (progress,)
+        after = await replay(self.session, holes)
+        before = beam.pending.hole.prompt
+        appended = after.prompt[len(before):] if after.prompt.startswith(before) else after.prompt
+        value_text = after.last_value if after.last_value is not None else progress.text
+        program_text = appended[len(value_text):] if appended.startswith(value_text) else appended
+        raw_text = progress.data.decode("utf-8", errors="replace")
+        state = dict(holes=holes, pending=None, result=after.result)
+        if value_text == raw_text and not program_text:
+            kept = beam if after.result is not None else dataclasses.replace(beam, ids=beam.ids[:-1],
+                                                                             logprobs=beam.logprobs[:-1])
+            return self.at_next_hole(dataclasses.replace(kept, **state), after)
+        value_ids = self.tokenize(value_text)
+        new_ids = value_ids + self.tokenize(program_text) + ([self.eos] if after.result is not None else [])
+        old_ids = beam.ids[start:]
+        same = 0
+        while same < min(len(old_ids), len(new_ids)) and old_ids[same] == new_ids[same]:
+            same += 1
+        prefix, appended_ids = beam.ids[:start + same], new_ids[same:]
+        scores = await self.scores(prefix, appended_ids)
+        joined = max(len(value_ids) - same, 0) + 1
+        rewritten = dataclasses.replace(
+            beam, ids=prefix + tuple(appended_ids[:joined]),
+            logprobs=beam.logprobs[:start + same] + tuple(scores[:joined]),
+            queue=tuple(zip(appended_ids[joined:], scores[joined:])), **state,
+        )
+        return self.at_next_hole(rewritten, after)
+
+    def at_next_hole(self, beam: Beam, after: Replayed) -> Beam:
+        if after.hole is None:
+            return beam
+        start = len(beam.ids) + len(beam.queue)
+        return dataclasses.replace(beam, pending=PendingHole(after.hole, after.constraints, start))
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.client.tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
 
 async def run_beam(session: QuerySession) -> list[QueryResult]:
-    """Beam search over whole runs of the program; the `n` best results, best first."""
-    beams = [await replay(session, Beam())]
-    while any(not b.is_finished for b in beams):
-        live = [b for b in beams if not b.is_finished]
-        expansions = await asyncio.gather(*(expand(session, b) for b in live))
-        pool = [b for b in beams if b.is_finished] + [child for children in expansions for child in children]
-        beams = sorted(pool, key=Beam.sort_key)[:session.spec.n]
-    return [b.result for b in beams]
+    """LMQL's beam search (see BeamSearch): at most `n` results, best first."""
+    return await BeamSearch(session).run()
 
 
 # ---- scoring (the distribution clause and `score`) ----------------------------------------------------------

@@ -158,14 +158,31 @@ def apply_utf8_rule(table: TokenTable, allowed: Allowed, pending: bytes, tokens_
 # ---- primitives -----------------------------------------------------------------------
 
 def prefix_mask(table: TokenTable, value: bytes, options: Sequence[bytes]) -> torch.Tensor:
-    """Tokens t such that ``value + t`` is a prefix of some option."""
+    """The tokens that may follow `value` towards an option (``X in [...]``, ``X == ...``).
+
+    LMQL 0.7.3's rule (``ops/ops.py`` InOpStrInSet.follow, lines 676-698, and its
+    ``tset(*suffixes, prefix=True)``, ``ops/token_set.py:194-197``): for each option that
+    `value` starts, the first token of the tokenizer's tokenization of the rest. Where the rest
+    is not text (`value` ends inside a multi-byte character) or the table has no tokenizer,
+    every token whose bytes start the rest.
+    """
     found: list[int] = []
     for option in options:
         if len(option) > len(value) and option.startswith(value):
-            rest = option[len(value):]
-            for end in range(1, len(rest) + 1):
-                found.extend(table.ids_by_bytes.get(rest[:end], ()))
+            found.extend(first_tokens(table, option[len(value):]))
     return table.mask_of(found)
+
+
+def first_tokens(table: TokenTable, rest: bytes) -> list[int]:
+    """The tokens a value may continue with towards `rest` (see prefix_mask)."""
+    if table.encode is not None:
+        try:
+            ids = table.encode(rest.decode("utf-8"))
+        except UnicodeDecodeError:  # `value` ends inside a character, or `rest` does
+            ids = []
+        if ids and rest.startswith(table.token_bytes[ids[0]]) and ids[0] not in table.special_ids:
+            return [ids[0]]
+    return [token_id for end in range(1, len(rest) + 1) for token_id in table.ids_by_bytes.get(rest[:end], ())]
 
 
 def char_budget_mask(table: TokenTable, budget: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import re
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -40,6 +40,7 @@ class TokenTable:
     token_bytes: tuple[bytes, ...]
     eos_token_id: int | None = None
     special_ids: frozenset[int] = frozenset()
+    encode: Callable[[str], list[int]] | None = dataclasses.field(default=None, repr=False)  # text -> ids
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -136,7 +137,20 @@ def make_token_table(tokenizer) -> TokenTable:
     token_bytes = tuple(
         piece.encode() if i in special else decode_piece(piece or "") for i, piece in enumerate(pieces)
     )
-    return TokenTable(token_bytes, tokenizer.eos_token_id, frozenset(special))
+    return TokenTable(token_bytes, tokenizer.eos_token_id, frozenset(special), text_encoder(tokenizer))
+
+
+def text_encoder(tokenizer) -> Callable[[str], list[int]]:
+    """The tokenizer's ids of a text, without specials; holds the tokenizer weakly (tables are cached by it)."""
+    reference = weakref.ref(tokenizer)
+
+    def encode(text: str) -> list[int]:
+        live = reference()
+        if live is None:
+            raise RuntimeError("the tokenizer of this token table no longer exists")
+        return list(live(text, add_special_tokens=False).input_ids)
+
+    return encode
 
 
 def special_token_ids(tokenizer, num_tokens: int) -> set[int]:

@@ -163,6 +163,11 @@ LMQL_ANSWERS = [
     ("argmax", '"Hello[WHO]" where len(WHO) < 10', [{"WHO": "lolololo#"}]),
     ("argmax", '"Hello[WHO]" where len(TOKENS(WHO)) < 12 and len(WHO) < 20', [{"WHO": "lololololololololo"}]),
     ("beam(n=2)", '"Hello[X]" where len(TOKENS(X)) < 3', [{"X": "\x0e\x0e"}, {"X": "lolo"}]),
+    # beam and `in`: one option left -> its tokens but the last join at once (LMQL's mask tail)
+    ("beam(n=2)", '"Q: Name a colour:[C]" where C in [" red", " green", " blue", " yellow"]',
+     [{"C": " blue"}, {"C": " green"}]),
+    ("beam(n=3)", '"Hello[X]" where X in ["lo", "lolo", "lolol", " world"]', [{"X": "lo"}, {"X": "lolo"}, {"X": "lolol"}]),
+    ("beam(n=2)", '"Hello[X]" where len(X) < 10', [{"X": "lololo"}, {"X": "lolololo#"}]),
     # `in`, `==` and REGEX: once the value is complete, the end competes with the tokens that
     # still lead to a longer match (InOpStrInSet.follow: the suffixes' prefixes plus "eos")
     ("argmax", '"Hello[X]" where X in ["lo", "lolo", "lolol", " world"]', [{"X": "lolo"}]),
