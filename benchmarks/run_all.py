@@ -1,7 +1,7 @@
 """Run every benchmark and print one table of ratios (benchmarks/RESULTS.md).
 
 Benchmarks, in order: single stream, legacy per-token latency, prompt scaling, concurrency, constraints, time to first
-token and memory, mask speed on a 50k vocabulary (``benchmarks/masks.py``), and with
+token and memory, each piece of tuning on and off, mask speed on a 50k vocabulary (``benchmarks/masks.py``), and with
 ``--with-lmql-0063`` the comparison with LMQL 0.0.6.3's own server (slow: it installs LMQL in
 a throwaway venv). Models: the embedded ``builtin:tiny`` and a GPT-2-small-shaped random
 model. Servers are ``serve-model`` subprocesses on loopback ports, shared by the benchmarks
@@ -33,6 +33,7 @@ import legacy_latency
 import scaling
 import single_stream
 import ttft_memory
+import tuning
 from common import BenchContext, Figure, ServerPool, Settings, at_most
 
 BENCHMARKS = {
@@ -42,6 +43,7 @@ BENCHMARKS = {
     "concurrency": concurrency.run,
     "constraints": constraints.run,
     "ttft_memory": ttft_memory.run,
+    "tuning": tuning.run,
 }
 DEFAULT_RUN = [*BENCHMARKS, "masks"]
 MASKS_LINE = re.compile(r"^(?P<name>\S.*?)\s+(?P<median>\d+\.\d+)\s+(?P<target>\d+\.\d+)\s+\d+\.\d+$")
