@@ -6,9 +6,7 @@ in that setting serve the same greedy requests, round by round in turn (medians)
 
 - ``--model-impl``: the engine's own GPT-2 forward (``native``) / transformers' forward;
 - ``--matmul``: the per-layer choice between BLAS and oneDNN, timed at start (``auto``) / BLAS
-  alone (``blas``); also the seconds the engine takes to start with each;
-- ``--threads``: the start-up choice of the engine thread's torch threads (``None``: 1 when a
-  decode step is short, else torch's default) / torch's default.
+  alone (``blas``); also the seconds the engine takes to start with each.
 
 Rows: tokens/s of 1 stream and of 8 streams at once (64 tokens after a 16-token prompt) with the
 piece on / off, so > 1 means the piece pays; for the pieces that act at start, the seconds to
@@ -54,8 +52,6 @@ def make_pieces() -> list[Piece]:
         Piece("native GPT-2 forward / transformers forward",
               EngineConfig(model_impl="native", **blas), EngineConfig(model_impl="transformers", **blas)),
         Piece("matmul auto / blas", EngineConfig(matmul="auto", num_threads=default_threads), EngineConfig(**blas),
-              acts_at_start=True),
-        Piece("threads chosen at start / torch default", EngineConfig(matmul="blas"), EngineConfig(**blas),
               acts_at_start=True),
     ]
 

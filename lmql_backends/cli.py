@@ -60,7 +60,7 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
     serve.add_argument("--threads", type=int, default=None,
-                       help="torch threads of the engine (default: measured at start, 1 or torch's default)")
+                       help="torch threads of the engine (default: torch's default)")
     serve.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto",
                        help="forward pass: auto (our own for GPT-2 models, else transformers), native or transformers")
     serve.add_argument("--matmul", choices=MATMUL_CHOICES, default="auto",

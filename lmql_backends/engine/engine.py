@@ -20,7 +20,7 @@ from ..errors import ConstraintError, ContextLengthError, EngineError, InvalidRe
 from .delivery import Mailboxes
 from .prefix_cache import PrefixCache
 from ..loader import MATMUL_CHOICES, MODEL_IMPLS, check_choice
-from .runner import ModelRunner, choose_num_threads
+from .runner import ModelRunner
 from ..sampling import select_token, top_logprobs
 from .sampling import Choice, apply_processors, choose_greedy_rows
 from .scheduler import Scheduler, SchedulerConfig
@@ -41,7 +41,7 @@ class EngineConfig:
     max_queue: int = 256
     max_prefill_tokens: int = 4096
     use_prefix_cache: bool = True
-    #: torch intra-op threads of the engine thread; None: measured at start (see choose_num_threads)
+    #: torch intra-op threads of the engine thread; None: torch's default
     num_threads: int | None = None
     #: "auto" (the native GPT-2 forward where it applies), "native" or "transformers" (see runner.make_forward)
     model_impl: str = "auto"
@@ -195,14 +195,10 @@ class Engine(OutputStreams):
 
     def _set_num_threads(self) -> None:
         """Intra-op threads for this thread only (torch keeps a count per thread)."""
-        try:
-            num_threads = self.config.num_threads or choose_num_threads(self.runner)
-        except Exception:  # measuring is an optimisation: never let it keep the engine from running
-            log.exception("could not measure the best thread count; keeping torch's default")
-            return
-        torch.set_num_threads(num_threads)
-        self.num_threads = num_threads
-        log.debug("engine thread uses %d torch thread(s)", num_threads)
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+        self.num_threads = torch.get_num_threads()
+        log.debug("engine thread uses %d torch thread(s)", self.num_threads)
 
     def _choose_linear_kernels(self) -> None:
         """Time the matrix-product kernels on this thread's thread count (matmul "auto" only)."""

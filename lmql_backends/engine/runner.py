@@ -19,7 +19,6 @@ its store while its members stay the same; when membership changes, the pasts ar
 from __future__ import annotations
 
 import inspect
-import time
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -31,9 +30,6 @@ from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
 
 MIN_HEADROOM = 64
-#: a decode step faster than this runs on one thread (see choose_num_threads)
-SINGLE_THREAD_BELOW_SECONDS = 0.02
-NUM_THREADS_TRIALS = 3
 
 
 class KVStore:
@@ -313,27 +309,3 @@ def detach_kv(kv: KVCache) -> KVCache:
 def own(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor that does not keep a larger tensor alive."""
     return tensor.clone() if tensor._base is not None else tensor
-
-
-def choose_num_threads(runner: ModelRunner) -> int:
-    """The intra-op thread count for this model's engine thread: 1 for small models, else torch's.
-
-    A decode step faster than SINGLE_THREAD_BELOW_SECONDS is dominated by per-operation
-    overhead: waking torch's worker threads for each operation then costs more than it saves,
-    most of all while the server's event loop and its clients use the other cores.
-    """
-    default = torch.get_num_threads()
-    if default == 1 or runner.device.type != "cpu":
-        return default
-    past = runner.prefill(list(range(16)), None, 0, all_logits=False)[1]
-    return 1 if time_decode(runner, past) < SINGLE_THREAD_BELOW_SECONDS else default
-
-
-def time_decode(runner: ModelRunner, past: KVCache) -> float:
-    """The fastest of a few one-token decode steps after `past` (which is not changed)."""
-    times = []
-    for _ in range(NUM_THREADS_TRIALS):
-        start = time.perf_counter()
-        runner.decode([0], [past.prefix(past.length)], [past.length])
-        times.append(time.perf_counter() - start)
-    return min(times)

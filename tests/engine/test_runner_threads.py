@@ -1,4 +1,4 @@
-"""The engine thread's torch thread count: given, or chosen from the model's decode speed."""
+"""The engine thread's torch thread count: given, or torch's default."""
 
 from __future__ import annotations
 
@@ -7,27 +7,17 @@ import pytest
 import torch
 
 from lmql_backends.engine import Engine, EngineConfig, Request
-from lmql_backends.engine import runner as runner_module
-from lmql_backends.engine.runner import ModelRunner, choose_num_threads
 from lmql_backends.errors import InvalidRequestError
 from lmql_backends.loader import load_model
 
 
-@pytest.fixture
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_a_fast_decoding_model_runs_on_one_thread(tiny_model, two_threads):
-    assert choose_num_threads(ModelRunner(load_model(tiny_model).model)) == 1
-
-
-def test_a_slow_decoding_model_keeps_torchs_default(tiny_model, two_threads, monkeypatch):
-    monkeypatch.setattr(runner_module, "SINGLE_THREAD_BELOW_SECONDS", 0.0)  # every model counts as slow
-    assert choose_num_threads(ModelRunner(load_model(tiny_model).model)) == 2
+def test_without_a_count_the_engine_keeps_torchs_default(tiny_model):
+    engine = Engine(load_model(tiny_model), EngineConfig()).start()
+    try:
+        list(engine.stream_sync(Request([0, 5, 6], max_tokens=1), timeout=60))
+        assert engine.stats().num_threads == torch.get_num_threads()
+    finally:
+        engine.stop()
 
 
 def test_a_given_thread_count_is_used_and_shown_in_the_stats(tiny_model):
