@@ -23,8 +23,9 @@ from typing import Callable
 from ..errors import EngineError, InvalidRequestError, RequestCancelledError
 from ..loader import LoadedModel, LoadOptions, load_tokenizer, with_tokenizer
 from ..process_env import apply_process_defaults
+from .consumers import Consumers
 from .delivery import Mailboxes
-from .engine import EngineConfig, EngineStats, check_capacity
+from .engine import EngineConfig, EngineStats
 from .sequence import ErrorOutput, Output, Request
 from .streams import OutputStreams
 from .wire import Channel
@@ -41,10 +42,9 @@ class EngineProcess(OutputStreams):
         self.config = config
         self.loaded: LoadedModel | None = None  # set by wait_loaded
         self._mailboxes = Mailboxes()
-        self._consumers: dict[str, Callable[[Output], None]] = {}
+        self._consumers = Consumers()
         self._unsent: list[Request] = []  # submitted in this event-loop iteration, sent at its end
-        self._lock = threading.Lock()
-        self._num_pending = 0
+        self._lock = self._consumers.lock  # one lock: a request is counted and queued to send together
         self._stats = EngineStats(**{field.name: 0 for field in dataclasses.fields(EngineStats)})  # until "ready"
         self._facts: LoadedModel | BaseException | None = None  # what the engine process loaded, or why it could not
         self.description = ""  # the loader's one-line summary of the model, as the engine process loaded it
@@ -113,9 +113,7 @@ class EngineProcess(OutputStreams):
         if self._process.poll() is not None:
             raise self._gone_error()
         with self._lock:
-            check_capacity(self._num_pending, self.config)
-            self._num_pending += 1
-            self._consumers[request.request_id] = emit
+            self._consumers.add_locked(request.request_id, emit, self.config)
             self._unsent.append(request)
             is_first = len(self._unsent) == 1
         if is_first:
@@ -142,12 +140,12 @@ class EngineProcess(OutputStreams):
 
     def _fail_unsent(self, request_id: str) -> None:
         consumer = self._consumers.get(request_id)
-        if consumer is not None and self._forget(request_id):
+        if consumer is not None and self._consumers.forget(request_id):
             consumer(ErrorOutput(self._gone_error()))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its consumer went away); nothing more reaches its `emit`."""
-        if self._forget(request_id) and not self._drop_unsent(request_id):
+        if self._consumers.forget(request_id) and not self._drop_unsent(request_id):
             try:
                 self._channel.send("abort", request_id)
             except OSError:
@@ -160,14 +158,6 @@ class EngineProcess(OutputStreams):
             is_dropped, self._unsent = len(kept) < len(self._unsent), kept
         return is_dropped
 
-    def _forget(self, request_id: str) -> bool:
-        """Drop a request's consumer and its slot; whether it was still there."""
-        with self._lock:
-            consumer = self._consumers.pop(request_id, None)
-            if consumer is not None:
-                self._num_pending -= 1
-        return consumer is not None
-
     @property
     def is_alive(self) -> bool:
         """Whether the engine process still runs (False once it exited, whatever the cause)."""
@@ -176,7 +166,7 @@ class EngineProcess(OutputStreams):
     @property
     def num_pending(self) -> int:
         """Counted requests submitted and not yet finished (queued or running)."""
-        return self._num_pending
+        return self._consumers.num_pending
 
     def stats(self) -> EngineStats:
         """The engine's statistics as of its last step with outputs (refreshed every 0.25 s while
@@ -202,7 +192,7 @@ class EngineProcess(OutputStreams):
             items, stats = payload
             self._stats = stats or self._stats  # first: a consumer told "finished" sees the statistics after it
             for request_id, output in items:
-                self._deliver(request_id, output)
+                self._consumers.deliver(request_id, output, self.abort)
         elif kind == "loaded":
             self._facts, self.description = payload
             self._is_loaded.set()
@@ -213,29 +203,13 @@ class EngineProcess(OutputStreams):
             self._stats = payload[0]
             self._is_ready.set()
 
-    def _deliver(self, request_id: str, output: Output) -> None:
-        consumer = self._consumers.get(request_id)
-        if consumer is None:
-            return  # aborted here while its outputs were on the way
-        if output.finish_reason is not None:
-            self._forget(request_id)
-        try:
-            consumer(output)
-        except Exception:  # one broken consumer must not stop the outputs of the others
-            log.exception("could not deliver an output of request %s; aborting it", request_id)
-            self.abort(request_id)
-
     def _on_exit(self) -> None:
         """The engine process is gone: fail whatever still waits, unblock whoever waits to start."""
         self._wait_exit_code()
         if self._facts is None:
             self._facts = self._gone_error()
         self._is_loaded.set()
-        error = self._gone_error()
-        with self._lock:
-            consumers, self._consumers, self._num_pending = list(self._consumers.values()), {}, 0
-        for emit in consumers:
-            emit(ErrorOutput(error))
+        self._consumers.fail_all(self._gone_error())
 
     def _wait_exit_code(self) -> None:
         """Wait (on the reader thread, up to 5 s) for the exit the closed socket announced."""

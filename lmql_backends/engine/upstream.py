@@ -41,8 +41,9 @@ from ..errors import (
     RequestCancelledError, RequestTooLargeError, UpstreamError, UpstreamUnavailableError,
 )
 from ..loader import LoadedModel, LoadOptions, context_length, load_config, load_tokenizer
+from .consumers import Consumers
 from .delivery import Mailboxes
-from .engine import EngineConfig, EngineStats, TokenRate, check_capacity
+from .engine import EngineConfig, EngineStats, TokenRate
 from ..sampling import MaskProcessor, pad_mask
 from .sampling import BiasProcessor
 from .sequence import ErrorOutput, Output, PromptOutput, Request, TokenOutput
@@ -106,10 +107,8 @@ class UpstreamEngine(OutputStreams):
         self.config = config
         self.upstream = upstream
         self._mailboxes = Mailboxes()
-        self._lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task] = {}
-        self._consumers: dict[str, Callable[[Output], None]] = {}
-        self._num_pending = 0
+        self._consumers = Consumers()
         self._is_stopped = False
         self._counters = collections.Counter()
         self._rate = TokenRate()
@@ -142,10 +141,7 @@ class UpstreamEngine(OutputStreams):
     def stop(self) -> None:
         """Cancel every request in flight (each gets RequestCancelledError) and close the connections."""
         self._is_stopped = True
-        with self._lock:
-            consumers, self._consumers, self._num_pending = list(self._consumers.values()), {}, 0
-        for emit in consumers:
-            emit(ErrorOutput(RequestCancelledError("the engine stopped")))
+        self._consumers.fail_all(RequestCancelledError("the engine stopped"))
         if self._loop.is_closed():
             return
         if self._loop.is_running():
@@ -176,25 +172,15 @@ class UpstreamEngine(OutputStreams):
         self.check_upstream_can_run(request)
         if self._is_stopped:
             raise RequestCancelledError("the engine is shutting down")
-        with self._lock:
-            check_capacity(self._num_pending, self.config)
-            self._num_pending += 1
-            self._consumers[request.request_id] = emit
+        with self._consumers.lock:
+            self._consumers.add_locked(request.request_id, emit, self.config)
         self._loop.call_soon_threadsafe(self._start, request)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its consumer went away): its upstream connection is closed, nothing
         more reaches its `emit`."""
-        if self._forget(request_id) and not self._loop.is_closed():
+        if self._consumers.forget(request_id) and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._cancel, request_id)
-
-    def _forget(self, request_id: str) -> bool:
-        """Drop a request's consumer and its slot; whether it was still there."""
-        with self._lock:
-            consumer = self._consumers.pop(request_id, None)
-            if consumer is not None:
-                self._num_pending -= 1
-        return consumer is not None
 
     @property
     def is_alive(self) -> bool:
@@ -204,7 +190,7 @@ class UpstreamEngine(OutputStreams):
     @property
     def num_pending(self) -> int:
         """Requests submitted and not yet finished, speculative ones not counted."""
-        return self._num_pending
+        return self._consumers.num_pending
 
     def check_upstream_can_run(self, request: Request) -> None:
         """InvalidRequestError (naming the field) unless the upstream can run `request`."""
@@ -251,16 +237,7 @@ class UpstreamEngine(OutputStreams):
 
     def _emit(self, request: Request, output: Output) -> None:
         """Hand `output` to the request's consumer (if it is still there); the last one frees its slot."""
-        consumer = self._consumers.get(request.request_id)
-        if consumer is None:
-            return
-        if output.finish_reason is not None:
-            self._forget(request.request_id)
-        try:
-            consumer(output)
-        except Exception:  # one broken consumer must not stop the others
-            log.exception("could not deliver an output of request %s; aborting it", request.request_id)
-            self.abort(request.request_id)
+        self._consumers.deliver(request.request_id, output, self.abort)
 
     async def _run(self, request: Request) -> None:
         try:
