@@ -181,7 +181,7 @@ def as_shared(past, shared: StoredKV) -> "SharedPrefixKV | None":
     if isinstance(past, SharedPrefixKV):
         return past if same_columns(past.shared, shared) else None
     if (isinstance(past, StoredKV) and past.store is shared.store and past.row == shared.row
-            and past.start == shared.start and past.stop > shared.stop):
+            and past.start == shared.start and past.stop >= shared.stop):
         return SharedPrefixKV(shared, StoredKV(past.store, past.row, shared.stop, past.stop))
     return None
 

@@ -78,3 +78,16 @@ def test_the_transformers_forward_keeps_copying_pasts(llama_model_dir):
     past, outs = forks(runner, list(range(5, 5 + PAST)), 2)
     assert not runner.shares_prefixes
     assert all(not isinstance(kv, SharedPrefixKV) for _, kv in outs)
+
+
+def test_the_fork_that_grew_the_prefix_in_place_joins_the_shared_batch():
+    model = random_gpt2()
+    runner, prompt = ModelRunner(model, "native"), [i * 13 % 300 for i in range(PAST)]
+    _, kv = runner.prefill(prompt, None, 0, False)
+    first = runner.prefill([7], kv, kv.length, False)[1]  # grows the prompt's store in place
+    second = runner.prefill([8], kv, kv.length, False)[1]  # shares the prompt's columns
+    assert not isinstance(first, SharedPrefixKV) and isinstance(second, SharedPrefixKV)
+    logits, kvs = runner.decode([9, 10], [first, second], [first.length, second.length])
+    assert all(isinstance(out, SharedPrefixKV) for out in kvs)
+    for row, sequence in enumerate([prompt + [7, 9], prompt + [8, 10]]):
+        assert torch.allclose(logits[row], full_logits(model, sequence), atol=1e-4)
