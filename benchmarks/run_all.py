@@ -31,6 +31,7 @@ import concurrency
 import constraints
 import legacy_latency
 import scaling
+import shared_prefix
 import single_stream
 import ttft_memory
 import tuning
@@ -44,6 +45,7 @@ BENCHMARKS = {
     "constraints": constraints.run,
     "ttft_memory": ttft_memory.run,
     "tuning": tuning.run,
+    "shared_prefix": shared_prefix.run,
 }
 DEFAULT_RUN = [*BENCHMARKS, "masks"]
 MASKS_LINE = re.compile(r"^(?P<name>\S.*?)\s+(?P<median>\d+\.\d+)\s+(?P<target>\d+\.\d+)\s+\d+\.\d+$")

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .kv_attention import shared_prefix_attention
 from .linear_kernels import Linear
 
 
@@ -97,6 +98,9 @@ def attention_scale(config, head_dim: int, index: int) -> float:
 class NativeGpt2Forward:
     """`forward(...)` of a loaded GPT2LMHeadModel over the runner's KV stores."""
 
+    #: it reads a prefix shared by the batch's rows once per step (see kv_attention)
+    shares_prefixes = True
+
     def __init__(self, model):
         config = model.config  # the caller checked unsupported_reason(model)
         self.num_heads, self.width = config.n_head, config.n_embd
@@ -111,18 +115,22 @@ class NativeGpt2Forward:
         """Every linear layer, in order (their kernels are chosen by linear_kernels.choose_kernels)."""
         return [*(linear for b in self.blocks for linear in (b.qkv, b.out, b.fc, b.proj)), self.lm_head]
 
-    def __call__(self, ids, positions, padding, store, past_len: int, all_logits: bool) -> torch.Tensor:
+    def __call__(self, ids, positions, padding, store, past_len: int, all_logits: bool, shared=None) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns of each store row.
 
         `padding` ([B, past_len + 1] with 0 on left padding, or None) is given for one-token steps.
+        `shared` (a one-row KV, or None) is a prefix every row sees before its stored columns.
         Activations stay flat ([B * T, width]) between the blocks: the linear layers take them as
         they are (a decode step runs ~100 small operations, so each one saved counts).
         """
         batch, length = ids.shape
         x = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(batch * length, self.width)
-        mask = attention_mask(padding, length, past_len, x.dtype, x.device)
+        if shared is None:
+            mask = attention_mask(padding, length, past_len, x.dtype, x.device)
+        else:
+            mask = additive_mask(padding, length, past_len, x.dtype, x.device)
         for layer, block in enumerate(self.blocks):
-            x = self._block(x, block, layer, store, (batch, length, past_len), mask)
+            x = self._block(x, block, layer, store, (batch, length, past_len, shared), mask)
         if not all_logits:
             x, length = x.view(batch, length, self.width)[:, -1], 1
         return self.lm_head(torch.layer_norm(x, *self.ln_f)).view(batch, length, -1)
@@ -132,13 +140,16 @@ class NativeGpt2Forward:
         return x + block.proj(block.act(block.fc(torch.layer_norm(x, *block.ln_2))))
 
     def _attention(self, x, block: BlockWeights, layer: int, store, shape: tuple, mask) -> torch.Tensor:
-        batch, length, past_len = shape
+        batch, length, past_len, shared = shape
         qkv = block.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         keys, values = store.write(layer, past_len, key, value)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=block.scale,
-        )
+        if shared is None:
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, is_causal=mask is None and length > 1, scale=block.scale,
+            )
+        else:
+            out = shared_prefix_attention(query, *shared[layer], keys, values, mask, block.scale)
         return block.out(out.transpose(1, 2).reshape(batch * length, self.width))
 
 
@@ -154,3 +165,11 @@ def attention_mask(padding, length: int, past_len: int, dtype, device) -> torch.
     if length == 1 or past_len == 0:
         return None  # one token sees everything; no past: is_causal does it
     return torch.ones(length, past_len + length, dtype=torch.bool, device=device).tril(past_len)
+
+
+def additive_mask(padding, length: int, past_len: int, dtype, device) -> torch.Tensor | None:
+    """`attention_mask` as an additive mask in every case (None: no padding, plain causal)."""
+    mask = attention_mask(padding, length, past_len, dtype, device)
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))

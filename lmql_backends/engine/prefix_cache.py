@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import itertools
 
-from .runner import StoredKV, detach_kv
+from .runner import SharedPrefixKV, StoredKV, detach_kv
 from .sequence import KVCache
 
 BLOCK_SIZE = 16
@@ -65,7 +65,7 @@ def num_equal_leading(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 def slice_kv(kv: KVCache, length: int) -> KVCache:
     """The KV of the first `length` tokens, as views."""
-    if isinstance(kv, StoredKV):
+    if isinstance(kv, (StoredKV, SharedPrefixKV)):
         return kv.prefix(length)
     return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
 

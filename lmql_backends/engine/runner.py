@@ -14,6 +14,12 @@ may grow in place (claiming the next columns); any other KV is first copied into
 So a sequence never reads columns written by another, and a legacy request that extends the
 previous one by a token computes one token without copying its past. A decode batch keeps
 its store while its members stay the same; when membership changes, the pasts are repacked.
+
+Branches of one prompt share its KV: a sequence that continues a long KV it cannot grow in place
+(a cached prompt other sequences fork from too) is not copied but kept as a `SharedPrefixKV`,
+the prompt's columns read where they are and only the new tokens in a tail of its own. A decode
+batch whose sequences share one prefix packs only their tails and reads the prefix once per step
+(kv_attention.shared_prefix_attention), where the forward supports it (`shares_prefixes`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
 
 MIN_HEADROOM = 64
+#: a past at least this long that cannot grow in place is shared (SharedPrefixKV), a shorter one copied
+SHARE_FROM_TOKENS = 64
 
 
 class KVStore:
@@ -66,6 +74,10 @@ class KVStore:
         _, heads, _, width = like.shape
         return like.new_zeros(self.rows, heads, self.capacity, width)
 
+    def column_bytes(self) -> int:
+        """Bytes of one column of one row, over every layer's keys and values."""
+        return sum(t[0, :, 0].numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
     def can_grow(self, stop: int, num_new: int) -> bool:
         """Whether a KV ending at column `stop` may write `num_new` more columns in place."""
         return stop == self.end and self.end + num_new <= self.capacity
@@ -95,6 +107,10 @@ class StoredKV:
     def length(self) -> int:
         return self.stop - self.start
 
+    def pieces(self) -> list[tuple[KVStore, int, int, int]]:
+        """The (store, row, start, stop) column ranges this KV reads."""
+        return [(self.store, self.row, self.start, self.stop)]
+
     def prefix(self, length: int) -> "StoredKV":
         """The KV of the first `length` tokens (views of the same store)."""
         return StoredKV(self.store, self.row, self.start, self.start + length)
@@ -102,6 +118,68 @@ class StoredKV:
     def is_growable(self, num_new: int) -> bool:
         """Whether `num_new` tokens can be appended in place (a one-row store, at its end)."""
         return self.store.rows == 1 and self.store.can_grow(self.stop, num_new)
+
+
+class SharedPrefixKV:
+    """A sequence's KV (a `KVCache`) as a prefix it shares with other sequences and a tail of its own.
+
+    `shared` (columns of a one-row store, never written again) may be held by the prefix cache and
+    by any number of sequences; `tail` holds this sequence's tokens after it.
+    """
+
+    def __init__(self, shared: StoredKV, tail: StoredKV):
+        self.shared, self.tail = shared, tail
+
+    def __len__(self) -> int:
+        return self.tail.store.num_layers
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values as one tensor each (a copy: the batches that mix KVs need it)."""
+        (shared_keys, shared_values), (keys, values) = self.shared[layer], self.tail[layer]
+        return torch.cat([shared_keys, keys], dim=2), torch.cat([shared_values, values], dim=2)
+
+    def __iter__(self):
+        return (self[layer] for layer in range(len(self)))
+
+    @property
+    def length(self) -> int:
+        return self.shared.length + self.tail.length
+
+    def pieces(self) -> list[tuple[KVStore, int, int, int]]:
+        return self.shared.pieces() + self.tail.pieces()
+
+    def prefix(self, length: int) -> "StoredKV | SharedPrefixKV":
+        """The KV of the first `length` tokens (views of the same stores)."""
+        if length <= self.shared.length:
+            return self.shared.prefix(length)
+        return SharedPrefixKV(self.shared, self.tail.prefix(length - self.shared.length))
+
+
+def same_columns(a: StoredKV, b: StoredKV) -> bool:
+    """Whether two KVs are views of the same columns of the same store row."""
+    return a.store is b.store and a.row == b.row and a.start == b.start and a.stop == b.stop
+
+
+def common_shared_prefix(pasts) -> StoredKV | None:
+    """The prefix all `pasts` start with (the shared part of the first SharedPrefixKV), else None.
+
+    A plain KV of the prefix's own store row that extends it (the fork that grew the prefix in
+    place) counts as sharing it.
+    """
+    shared = next((past.shared for past in pasts if isinstance(past, SharedPrefixKV)), None)
+    if shared is None or not all(as_shared(past, shared) is not None for past in pasts):
+        return None
+    return shared
+
+
+def as_shared(past, shared: StoredKV) -> "SharedPrefixKV | None":
+    """`past` as `shared` and a tail, if it starts with exactly those columns (else None)."""
+    if isinstance(past, SharedPrefixKV):
+        return past if same_columns(past.shared, shared) else None
+    if (isinstance(past, StoredKV) and past.store is shared.store and past.row == shared.row
+            and past.start == shared.start and past.stop >= shared.stop):
+        return SharedPrefixKV(shared, StoredKV(past.store, past.row, shared.stop, past.stop))
+    return None
 
 
 class StoreLayer(DynamicLayer):
@@ -136,8 +214,11 @@ class TransformersForward:
         self.model = model
         self.cache_keyword = cache_keyword(model)
 
-    def __call__(self, ids, positions, padding, store: KVStore, past_len: int, all_logits: bool) -> torch.Tensor:
+    def __call__(self, ids, positions, padding, store: KVStore, past_len: int, all_logits: bool,
+                 shared=None) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns (see NativeGpt2Forward)."""
+        if shared is not None:
+            raise ValueError("TransformersForward does not take a shared prefix (its shares_prefixes is False)")
         out = self.model(
             input_ids=ids, position_ids=positions, attention_mask=padding, use_cache=True,
             logits_to_keep=0 if all_logits else 1, **{self.cache_keyword: StoreCache(store, past_len)},
@@ -207,28 +288,53 @@ class ModelRunner:
         if len(tokens) == 1:
             logits, kv = self._forward_one(tokens, pasts[0], past_lens[0], all_logits=False)
             return logits, [kv]
-        store, rows = self._reusable_batch(pasts, past_lens) or self._pack_batch(pasts, past_lens)
+        shared = common_shared_prefix(pasts) if self.shares_prefixes else None
+        if shared is not None:
+            pasts, stored_lens = [as_shared(past, shared).tail for past in pasts], [n - shared.length for n in past_lens]
+        else:
+            stored_lens = past_lens
+        store, rows = self._reusable_batch(pasts, stored_lens) or self._pack_batch(pasts, stored_lens)
         width = store.end
-        logits = self._forward_batch(store, in_row_order(tokens, rows), in_row_order(past_lens, rows))
+        logits = self._forward_batch(store, in_row_order(tokens, rows), in_row_order(past_lens, rows),
+                                     in_row_order(stored_lens, rows), shared)
         store.end = width + 1
-        kvs = [StoredKV(store, row, width - n, width + 1) for row, n in zip(rows, past_lens)]
+        kvs = [with_shared(shared, StoredKV(store, row, width - n, width + 1)) for row, n in zip(rows, stored_lens)]
         return logits.index_select(0, torch.tensor(rows)).cpu(), kvs
 
-    def _forward_batch(self, store: KVStore, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """Logits [B, V] of one token per store row; row b has `lengths[b]` real past tokens."""
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether the forward reads a prefix shared by a batch's rows once (see SharedPrefixKV)."""
+        return getattr(self.forward, "shares_prefixes", False)
+
+    def _forward_batch(self, store: KVStore, tokens: list[int], positions: list[int], lengths: list[int],
+                       shared: StoredKV | None) -> torch.Tensor:
+        """Logits [B, V] of one token per store row at `positions`; row b has `lengths[b]` stored past tokens."""
         logits = self.forward(
-            torch.tensor(tokens, device=self.device)[:, None], torch.tensor(lengths, device=self.device)[:, None],
-            self._padding_mask(lengths, store.end), store, store.end, all_logits=False,
+            torch.tensor(tokens, device=self.device)[:, None], torch.tensor(positions, device=self.device)[:, None],
+            self._padding_mask(lengths, store.end), store, store.end, False, shared,
         )
         return logits[:, -1].float()
 
     def _forward_one(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):
-        store = self._growable_store(past, past_len, len(new_ids))
+        shared, past, stored_len = self._split_past(past, past_len, len(new_ids))
+        store = self._growable_store(past, stored_len, len(new_ids))
         ids = torch.tensor([new_ids], device=self.device)
         positions = torch.arange(past_len, past_len + len(new_ids), device=self.device)[None]
-        logits = self.forward(ids, positions, None, store, past_len, all_logits)
-        store.end = past_len + len(new_ids)
-        return logits[0].float().cpu(), StoredKV(store, 0, 0, store.end)
+        logits = self.forward(ids, positions, None, store, stored_len, all_logits, shared)
+        store.end = stored_len + len(new_ids)
+        return logits[0].float().cpu(), with_shared(shared, StoredKV(store, 0, 0, store.end))
+
+    def _split_past(self, past: KVCache | None, past_len: int, num_new: int):
+        """(the prefix the new tokens share, or None; the past after it; that past's length).
+
+        A long past that cannot grow in place is shared rather than copied (see SharedPrefixKV).
+        """
+        if isinstance(past, SharedPrefixKV) and self.shares_prefixes:
+            return past.shared, past.tail, past_len - past.shared.length
+        if (isinstance(past, StoredKV) and self.shares_prefixes and past_len >= SHARE_FROM_TOKENS
+                and past.store.rows == 1 and not (past.start == 0 and past.is_growable(num_new))):
+            return past, None, 0
+        return None, past, past_len
 
     def _growable_store(self, past: KVCache | None, past_len: int, num_new: int) -> KVStore:
         """The one-row store `past` lives in if it can grow in place, else a copy of `past`."""
@@ -272,6 +378,11 @@ class ModelRunner:
         return (torch.arange(width + 1, device=self.device)[None, :] >= first_real[:, None]).long()
 
 
+def with_shared(shared: StoredKV | None, tail: StoredKV) -> KVCache:
+    """`tail` after the shared prefix (just `tail` when nothing is shared)."""
+    return tail if shared is None else SharedPrefixKV(shared, tail)
+
+
 def in_row_order(values: list[int], rows: list[int]) -> list[int]:
     """`values` given per sequence, rearranged so that entry `rows[i]` holds `values[i]`."""
     ordered = [0] * len(values)
@@ -296,6 +407,9 @@ def copy_past(store: KVStore, row: int, column: int, past: KVCache, length: int)
 @torch.inference_mode()
 def detach_kv(kv: KVCache) -> KVCache:
     """A KV that keeps nothing else alive: views of a batch store are copied into a one-row store."""
+    if isinstance(kv, SharedPrefixKV):
+        shared = kv.shared if kv.shared.store.rows == 1 else detach_kv(kv.shared)
+        return SharedPrefixKV(shared, detach_kv(kv.tail))
     if isinstance(kv, StoredKV) and kv.store.rows == 1 and kv.start == 0:
         return kv
     if isinstance(kv, StoredKV):
@@ -304,6 +418,34 @@ def detach_kv(kv: KVCache) -> KVCache:
         store.end = kv.length
         return StoredKV(store, 0, 0, kv.length)
     return [(own(k), own(v)) for k, v in kv]
+
+
+def kv_bytes(kvs: list[KVCache]) -> int:
+    """Bytes of the distinct KV columns `kvs` hold (a column shared by several counts once)."""
+    spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    column_bytes: dict[int, int] = {}
+    total = 0
+    for kv in kvs:
+        if not isinstance(kv, (StoredKV, SharedPrefixKV)):
+            total += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+            continue
+        for store, row, start, stop in kv.pieces():
+            spans.setdefault((id(store), row), []).append((start, stop))
+            column_bytes[id(store)] = store.column_bytes()
+    for (store_id, _), intervals in spans.items():
+        total += column_bytes[store_id] * covered_length(intervals)
+    return total
+
+
+def covered_length(intervals: list[tuple[int, int]]) -> int:
+    """How many integers the half-open `intervals` cover together."""
+    covered, reach = 0, None
+    for start, stop in sorted(intervals):
+        if reach is None or start >= reach:
+            covered, reach = covered + stop - start, stop
+        elif stop > reach:
+            covered, reach = covered + stop - reach, stop
+    return covered
 
 
 def own(tensor: torch.Tensor) -> torch.Tensor:
