@@ -51,7 +51,13 @@ class Outbox:
         num_active = len(scheduler.running) + len(scheduler.waiting)
         is_changed, self._num_active = num_active != self._num_active, num_active
         if items or is_changed:
-            self.channel.send("outputs", items, self._stats_if_due(is_changed or num_active == 0))
+            self._send(items, self._stats_if_due(is_changed or num_active == 0))
+
+    def _send(self, items: list, stats) -> None:
+        try:
+            self.channel.send("outputs", items, stats)
+        except OSError:  # the server is gone: nobody is left to read them (serve_requests then stops)
+            log.debug("server gone; %d output(s) not delivered", len(items))
 
     def _stats_if_due(self, is_urgent: bool):
         now = time.monotonic()

@@ -8,7 +8,7 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from lmql_backends.engine import EngineConfig, PromptOutput, Request, TokenOutput
+from lmql_backends.engine import EngineConfig, ErrorOutput, PromptOutput, Request, TokenOutput
 from lmql_backends.engine.wire import Channel
 from lmql_backends.engine.worker import serve_requests, start_engine
 from lmql_backends.errors import ModelLoadError
@@ -17,7 +17,6 @@ from lmql_backends.loader import LoadOptions
 pytestmark = pytest.mark.timeout(120)
 
 CONFIG = EngineConfig(num_threads=1, matmul="blas")
-
 
 @pytest.fixture
 def channels():
@@ -28,7 +27,6 @@ def channels():
     server.close()
     worker.close()
 
-
 def outputs_until_finished(server: Channel, request_id: str) -> list:
     """Every output of `request_id` the worker sends, up to the one with a finish_reason."""
     outputs = []
@@ -37,7 +35,6 @@ def outputs_until_finished(server: Channel, request_id: str) -> list:
         assert kind == "outputs"
         outputs += [output for rid, output in items if rid == request_id]
     return outputs
-
 
 def test_the_worker_says_loaded_then_ready_and_runs_what_it_is_sent(channels, tiny_model):
     server, worker = channels
@@ -53,7 +50,6 @@ def test_the_worker_says_loaded_then_ready_and_runs_what_it_is_sent(channels, ti
     server.send("stop")
     serving.join(timeout=60)
     assert not serving.is_alive() and not outbox.engine.is_alive
-
 
 def test_an_abort_ends_a_request_and_the_worker_stops_when_the_server_is_gone(channels, tiny_model):
     server, worker = channels
@@ -71,6 +67,15 @@ def test_an_abort_ends_a_request_and_the_worker_stops_when_the_server_is_gone(ch
     serving.join(timeout=60)
     assert not serving.is_alive() and not outbox.engine.is_alive
 
+def test_outputs_for_a_server_that_is_gone_are_dropped_without_killing_the_engine_thread(channels, tiny_model):
+    server, worker = channels
+    outbox = start_engine(worker, tiny_model, LoadOptions(), CONFIG)
+    try:
+        server.close()
+        outbox.put("gone", ErrorOutput(RuntimeError("nobody reads this")))
+        outbox.flush()  # the engine thread calls this after every step: a closed socket must not raise
+    finally:
+        outbox.engine.stop()
 
 def test_a_model_that_does_not_load_is_reported_to_the_server(channels, tmp_path):
     server, worker = channels
