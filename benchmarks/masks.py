@@ -106,7 +106,7 @@ def main() -> None:
     start = time.perf_counter()
     tokenizer = make_tokenizer(args.vocab)
     table = make_token_table(tokenizer)
-    _ = (table.text_mask, table.num_chars, table.ids_by_bytes, table.int_start_mask, table.digits_mask)
+    _ = (table.text_mask, table.num_chars, table.ids_by_bytes, table.int_start_mask, table.int_continue_mask)
     print(f"token table of {table.num_tokens} tokens built in {time.perf_counter() - start:.2f} s")
 
     options = [" " + "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 12))) for _ in range(100)]

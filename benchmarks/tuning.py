@@ -9,8 +9,8 @@ in that setting serve the same greedy requests, round by round in turn (medians)
   alone (``blas``); also the seconds the engine takes to start with each.
 
 Rows: tokens/s of 1 stream and of 8 streams at once (64 tokens after a 16-token prompt) with the
-piece on / off, so > 1 means the piece pays; for the pieces that act at start, the seconds to
-ready (model load + engine start) on / off.
+piece on / off, so > 1 means the piece pays; for the pieces that act at start, the engine start
+seconds they add, in rounds of 8 streams.
 
     python benchmarks/tuning.py [--quick] [--model tiny|gpt2-small|all]
 """
@@ -76,9 +76,7 @@ class TuningBench:
 
     def __init__(self, context: BenchContext, model: BenchModel):
         self.context, self.model = context, model
-        start = time.perf_counter()
         self.loaded = load_model(model.name)
-        self.load_seconds = time.perf_counter() - start
         self.num_tokens = context.settings.pick(64, 16)
 
     def prompts(self, num_streams: int, rep: int) -> list[list[int]]:
@@ -101,17 +99,20 @@ class TuningBench:
                     medians["on"] / medians["off"], f"{medians['on']:.1f} vs {medians['off']:.1f} tokens/s",
                 ))
             if piece.acts_at_start:
-                figures.append(self.start_figure(piece, start_seconds))
+                figures.append(self.start_figure(piece, start_seconds, medians["off"]))
             return figures
         finally:
             for engine in engines.values():
                 engine.stop()
 
-    def start_figure(self, piece: Piece, seconds: dict[str, float]) -> Figure:
-        on, off = (self.load_seconds + seconds[side] for side in ("on", "off"))
+    def start_figure(self, piece: Piece, seconds: dict[str, float], tokens_per_second_off: float) -> Figure:
+        """What the piece adds at start, in rounds of the last stream count (the model is loaded once, before)."""
+        extra = seconds["on"] - seconds["off"]
+        round_seconds = STREAM_COUNTS[-1] * self.num_tokens / tokens_per_second_off
         return Figure(
-            BENCHMARK, self.model.label, f"{piece.name}: seconds to ready (model load + engine start), on / off",
-            on / off, f"{on:.2f} vs {off:.2f} s",
+            BENCHMARK, self.model.label,
+            f"{piece.name}: extra engine start seconds / seconds of one {STREAM_COUNTS[-1]}-stream round",
+            extra / round_seconds, f"{seconds['on']:.2f} vs {seconds['off']:.2f} s to start; a round {round_seconds:.2f} s",
         )
 
     def rate(self, engine: Engine, num_streams: int):
