@@ -177,11 +177,11 @@ def first_tokens(table: TokenTable, rest: bytes) -> list[int]:
     """The tokens a value may continue with towards `rest` (see prefix_mask)."""
     if table.encode is not None:
         try:
-            ids = table.encode(rest.decode("utf-8"))
+            first = table.first_token_of(rest.decode("utf-8"))
         except UnicodeDecodeError:  # `value` ends inside a character, or `rest` does
-            ids = []
-        if ids and rest.startswith(table.token_bytes[ids[0]]) and ids[0] not in table.special_ids:
-            return [ids[0]]
+            first = None
+        if first is not None and rest.startswith(table.token_bytes[first]) and first not in table.special_ids:
+            return [first]
     return [token_id for end in range(1, len(rest) + 1) for token_id in table.ids_by_bytes.get(rest[:end], ())]
 
 

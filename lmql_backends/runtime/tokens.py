@@ -29,6 +29,9 @@ METASPACE = "\u2581"
 _tables: "weakref.WeakKeyDictionary[Any, TokenTable]" = weakref.WeakKeyDictionary()
 
 
+FIRST_TOKEN_MEMO = 65536  # texts whose first token a table remembers
+
+
 @dataclasses.dataclass(eq=False)
 class TokenTable:
     """The bytes of every token id, which ids are special, and the end-of-sequence id.
@@ -109,6 +112,22 @@ class TokenTable:
             self._cache[key] = make()
         return self._cache[key]
 
+    @functools.cached_property
+    def first_token_of(self) -> Callable[[str], int | None]:
+        """The first id of the tokenizer's tokenization of a text (None: no tokenizer, empty text).
+
+        Memoised (bounded): option constraints ask it for every option's rest at every step,
+        and queries repeat their options.
+        """
+        encode = self.encode
+
+        @functools.lru_cache(maxsize=FIRST_TOKEN_MEMO)
+        def first_token_of(text: str) -> int | None:
+            ids = encode(text) if encode is not None else []
+            return ids[0] if ids else None
+
+        return first_token_of
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """The text of `token_ids` (bytes joined, then decoded; a cut character becomes U+FFFD)."""
         return b"".join(self.token_bytes[t] for t in token_ids).decode("utf-8", errors="replace")
@@ -148,7 +167,10 @@ def text_encoder(tokenizer) -> Callable[[str], list[int]]:
         live = reference()
         if live is None:
             raise RuntimeError("the tokenizer of this token table no longer exists")
-        return list(live(text, add_special_tokens=False).input_ids)
+        backend = getattr(live, "backend_tokenizer", None)  # a fast tokenizer's `tokenizers` object
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=False).ids
+        return list(live.encode(text, add_special_tokens=False))
 
     return encode
 

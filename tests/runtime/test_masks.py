@@ -124,6 +124,18 @@ def test_table_of_the_embedded_tokenizer_round_trips_bytes(tiny_model):
     assert b"".join(table.token_bytes[i] for i in ids) == text.encode()
 
 
+def test_first_token_of_is_the_tokenizers_own_first_token(tiny_model):
+    from lmql_backends.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    table = token_table(tokenizer)
+    for text in [" Darcy", "Ça va", "12345", "\n\nHello", " × 4"]:
+        assert table.encode(text) == tokenizer(text, add_special_tokens=False).input_ids
+        assert table.first_token_of(text) == tokenizer(text, add_special_tokens=False).input_ids[0]
+    assert table.first_token_of("") is None
+    assert table.first_token_of.cache_info().maxsize is not None  # bounded memo
+
+
 def test_prompt_ids_start_with_bos(tiny_model):
     from lmql_backends.loader import load_tokenizer
 
