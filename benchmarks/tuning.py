@@ -6,7 +6,8 @@ in that setting serve the same greedy requests, round by round in turn (medians)
 
 - ``--model-impl``: the engine's own GPT-2 forward (``native``) / transformers' forward;
 - ``--matmul``: the per-layer choice between BLAS and oneDNN, timed at start (``auto``) / BLAS
-  alone (``blas``); also the seconds the engine takes to start with each.
+  alone (``blas``); also the seconds the engine takes to start with each;
+- batched prefills: prompts arriving together run in one forward / one forward each.
 
 Rows: tokens/s of 1 stream and of 8 streams at once (64 tokens after a 16-token prompt) with the
 piece on / off, so > 1 means the piece pays; for the pieces that act at start, the engine start
@@ -53,6 +54,7 @@ def make_pieces() -> list[Piece]:
               EngineConfig(model_impl="native", **blas), EngineConfig(model_impl="transformers", **blas)),
         Piece("matmul auto / blas", EngineConfig(matmul="auto", num_threads=default_threads), EngineConfig(**blas),
               acts_at_start=True),
+        Piece("batched prefills / one by one", EngineConfig(**blas), EngineConfig(batch_prefills=False, **blas)),
     ]
 
 

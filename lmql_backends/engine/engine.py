@@ -23,7 +23,7 @@ from ..loader import MATMUL_CHOICES, MODEL_IMPLS, check_choice
 from .runner import ModelRunner
 from ..sampling import select_token, top_logprobs
 from .sampling import Choice, apply_processors, choose_greedy_rows
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, length_groups
 from .sequence import ErrorOutput, Output, PromptOutput, Request, Sequence, TokenOutput
 from .streams import OutputStreams
 
@@ -47,6 +47,8 @@ class EngineConfig:
     model_impl: str = "auto"
     #: the native forward's matrix-product kernels: "auto" (timed at start), "blas" or "onednn" (see linear_kernels)
     matmul: str = "auto"
+    #: prompts without a cached past that arrive together run in one forward (see runner.prefill_batch)
+    batch_prefills: bool = True
 
     def __post_init__(self):
         check_choice("model_impl", self.model_impl, MODEL_IMPLS)
@@ -243,8 +245,7 @@ class Engine(OutputStreams):
             self._attach_prefix(seq)
         plan = self.scheduler.plan()
         self._counters["steps"] += 1
-        for seq in plan.prefills:
-            self._run_prefill(seq)
+        self._run_prefills(plan.prefills)
         if plan.decodes:
             self._run_decode(plan.decodes)
 
@@ -259,10 +260,33 @@ class Engine(OutputStreams):
         hit = self.cache.lookup(seq.ids, limit)
         seq.kv, seq.num_computed, seq.num_cached = hit.kv, hit.num_tokens, hit.num_tokens
 
-    def _run_prefill(self, seq: Sequence) -> None:
-        all_logits = seq.num_generated == 0 and seq.request.score_from is not None
+    def _run_prefills(self, seqs: list[Sequence]) -> None:
+        """Prompts with at most a short cached past (and not scored) in batches of similar lengths,
+        the rest one by one."""
+        batchable = [seq for seq in seqs if is_batchable_prefill(seq)] if self.config.batch_prefills else []
+        for seq in seqs:
+            if seq not in batchable:
+                self._run_prefill(seq)
+        for group in length_groups([len(seq.ids) for seq in batchable]):
+            if len(group) == 1:
+                self._run_prefill(batchable[group[0]])
+            else:
+                self._run_prefill_batch([batchable[i] for i in group])
+
+    def _run_prefill_batch(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:  # a short cached prefix is computed again with the batch, not copied in
+            seq.kv, seq.num_computed, seq.num_cached = None, 0, 0
         try:
-            logits, kv = self.runner.prefill(seq.new_ids(), seq.kv, seq.num_computed, all_logits)
+            logits, kvs = self.runner.prefill_batch([seq.new_ids() for seq in seqs])
+        except Exception as exc:
+            log.exception("prefill failed")
+            return self._fail(seqs, exc)
+        for row, seq in enumerate(seqs):
+            self._after_forward(seq, kvs[row], logits[row:row + 1])
+
+    def _run_prefill(self, seq: Sequence) -> None:
+        try:
+            logits, kv = self.runner.prefill(seq.new_ids(), seq.kv, seq.num_computed, wants_all_logits(seq))
         except Exception as exc:
             log.exception("prefill failed")
             return self._fail([seq], exc)
@@ -430,6 +454,21 @@ def check_request(request: Request, vocab_size: int, context_length: int) -> Non
 
 def is_user_error(exc: Exception) -> bool:
     return isinstance(exc, ConstraintError)
+
+
+#: a prompt whose cached prefix is shorter than this (e.g. its BOS only) may join a batched prefill,
+#: computing that prefix again (the prefix cache's block size: a longer hit is worth its copy)
+RECOMPUTE_BELOW_TOKENS = 16
+
+
+def is_batchable_prefill(seq: Sequence) -> bool:
+    """Whether the sequence may prefill in a batch (see Engine._run_prefills)."""
+    return seq.num_computed < RECOMPUTE_BELOW_TOKENS and not wants_all_logits(seq)
+
+
+def wants_all_logits(seq: Sequence) -> bool:
+    """Whether the sequence's first forward scores its prompt (logits at every position)."""
+    return seq.num_generated == 0 and seq.request.score_from is not None
 
 
 def finish_reason(seq: Sequence, token: int, context_length: int) -> str | None:

@@ -118,7 +118,8 @@ class NativeGpt2Forward:
     def __call__(self, ids, positions, padding, store, past_len: int, all_logits: bool, shared=None) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns of each store row.
 
-        `padding` ([B, past_len + 1] with 0 on left padding, or None) is given for one-token steps.
+        `padding` ([B, past_len + T] with 0 on left padding, or None) is given for one-token steps
+        and for prefills of several left-padded prompts.
         `shared` (a one-row KV, or None) is a prefix every row sees before its stored columns.
         Activations stay flat ([B * T, width]) between the blocks: the linear layers take them as
         they are (a decode step runs ~100 small operations, so each one saved counts).
@@ -156,9 +157,14 @@ class NativeGpt2Forward:
 def attention_mask(padding, length: int, past_len: int, dtype, device) -> torch.Tensor | None:
     """The attention mask of `length` new tokens after `past_len` columns (None: plain causal).
 
-    Additive (0 / -inf) for a padded one-token step; boolean (True: may attend) for a prefill
-    after a cached past.
+    Additive (0 / -inf) for a padded step (one token, or a prefill of left-padded prompts);
+    boolean (True: may attend) for a prefill after a cached past.
     """
+    if padding is not None and length > 1:  # a padded prefill: causal as well; a padding query sees itself
+        columns = torch.arange(past_len + length, device=device)
+        own_column = torch.arange(length, device=device)[:, None] + past_len
+        allowed = (columns <= own_column) & (padding[:, None, :] != 0) | (columns == own_column)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
     if padding is not None:  # additive, made once per step (SDPA would convert a boolean mask in every layer)
         hidden = torch.zeros(padding.shape, dtype=dtype, device=device).masked_fill_(padding == 0, float("-inf"))
         return hidden[:, None, None, :]

@@ -1,7 +1,8 @@
 """The model runner: the only code that builds tensors for the model and calls it.
 
-Two kinds of forward pass:
+Three kinds of forward pass:
 - `prefill`: one sequence, any number of new tokens after its cached prefix;
+- `prefill_batch`: several sequences without a past, their prompts left-padded to one width;
 - `decode`: many sequences, one new token each, with pasts of different lengths. Pasts are
   left-padded to one width; an attention mask hides the padding and explicit position ids
   give every sequence its own positions, so results equal unbatched runs.
@@ -283,6 +284,25 @@ class ModelRunner:
         return self._forward_one(new_ids, past, past_len, all_logits)
 
     @torch.inference_mode()
+    def prefill_batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[KVCache]]:
+        """Several prompts without a past in one forward: each one's last-token logits [B, V] and its KV.
+
+        Rows are left-padded to the longest prompt; the padding is masked and every row has its own
+        positions, so each row's logits equal its own `prefill`. The store's rows end together,
+        ready for the batch's first decode step without a copy.
+        """
+        lengths = [len(prompt) for prompt in prompts]
+        width = max(lengths)
+        store = KVStore(len(prompts), with_headroom(width), self.num_layers)
+        ids = torch.tensor([[0] * (width - n) + list(p) for p, n in zip(prompts, lengths)], device=self.device)
+        positions = torch.tensor([[0] * (width - n) + list(range(n)) for n in lengths], device=self.device)
+        padding = self._padding_mask([n - 1 for n in lengths], width - 1)
+        logits = self.forward(ids, positions, padding, store, 0, False)
+        store.end = width
+        kvs = [StoredKV(store, row, width - n, width) for row, n in enumerate(lengths)]
+        return logits[:, -1].float().cpu(), kvs
+
+    @torch.inference_mode()
     def decode(self, tokens: list[int], pasts: list[KVCache | None], past_lens: list[int]):
         """One new token for each of several sequences; return logits [B, V] and each new KV."""
         if len(tokens) == 1:
@@ -371,7 +391,8 @@ class ModelRunner:
         return store, list(range(len(pasts)))
 
     def _padding_mask(self, lengths: list[int], width: int) -> torch.Tensor | None:
-        """Attention mask [B, width + 1] hiding each row's left padding (None: no padding)."""
+        """Attention mask [B, width + 1] hiding each row's left padding, for rows of `lengths` tokens
+        before the last column (None: no padding)."""
         if all(n == width for n in lengths):
             return None
         first_real = width - torch.tensor(lengths, device=self.device)

@@ -74,3 +74,21 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+
+#: a batched prefill pads every prompt to its longest; a prompt joins only if it is at least this
+#: share of the longest, so at most half of the batch's positions are padding
+MIN_PREFILL_BATCH_SHARE = 0.5
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indexes of `lengths` grouped for batched prefills: longest first, each group's lengths
+    within MIN_PREFILL_BATCH_SHARE of its longest (a group of one runs alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and lengths[index] >= MIN_PREFILL_BATCH_SHARE * lengths[groups[-1][0]]:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups

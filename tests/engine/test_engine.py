@@ -218,6 +218,38 @@ async def test_asyncio_streams_match_the_reference(tiny_loaded, make_engine, dec
     assert max(sizes) > 1
 
 
+@pytest.mark.parametrize("use_prefix_cache", [True, False], ids=["cache", "no-cache"])
+def test_prompts_arriving_together_prefill_in_one_batch_and_match_the_reference(tiny_loaded, monkeypatch,
+                                                                               use_prefix_cache):
+    engine = Engine(tiny_loaded, EngineConfig(use_prefix_cache=use_prefix_cache))
+    batches: list[int] = []
+    original = engine.runner.prefill_batch
+
+    def recording(prompts):
+        batches.append(len(prompts))
+        return original(prompts)
+
+    monkeypatch.setattr(engine.runner, "prefill_batch", recording)
+    prompts = [[1, *make_prompt(n, seed=30 + n, vocab_size=tiny_loaded.vocab_size)] for n in (9, 12, 7, 11)]
+    if use_prefix_cache:  # a cached one-token prefix (e.g. BOS) does not keep a prompt out of the batch
+        engine.cache.insert([1, 2], engine.runner.prefill([1, 2], None, 0, False)[1])
+    outputs = [[] for _ in prompts]
+    for prompt, out in zip(prompts, outputs):  # queued before the engine's first step
+        engine.submit(Request(prompt, max_tokens=6), out.append)
+    engine.start()
+    try:
+        wait_until(lambda: all(o and o[-1].finish_reason for o in outputs))
+    finally:
+        engine.stop()
+    assert batches == [4]
+    for prompt, out in zip(prompts, outputs):
+        assert prompt_output(out).num_cached_tokens == 0  # computed in the batch, not copied
+        expected_tokens, expected_logprobs = reference_greedy(tiny_loaded.model, prompt, 6)
+        tokens, logprobs = generated(out)
+        assert tokens == expected_tokens
+        assert_close(logprobs, expected_logprobs)
+
+
 def test_requests_branching_from_one_cached_prefix_do_not_share_kv(loaded, make_engine):
     """Several requests extend the same cached prefix at once; each must see only its own tokens."""
     engine = make_engine(loaded)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmql_backends.engine.scheduler import Scheduler, SchedulerConfig
+from lmql_backends.engine.scheduler import Scheduler, SchedulerConfig, length_groups
 from lmql_backends.engine.sequence import Request, Sequence
 
 pytestmark = pytest.mark.timeout(30)
@@ -118,3 +118,13 @@ def test_find_by_request_id():
     assert scheduler.find(waiting.request.request_id) is waiting
     assert scheduler.find("no-such-request") is None
     assert scheduler.has_work
+
+
+def test_length_groups_batch_similar_prompts_longest_first():
+    assert length_groups([16, 16, 16]) == [[0, 1, 2]]
+    assert length_groups([10, 100, 60, 40, 5]) == [[1, 2], [3], [0, 4]]
+    assert length_groups([]) == []
+    groups = length_groups([7, 3, 12, 6, 1, 2, 9])
+    assert sorted(i for g in groups for i in g) == list(range(7))  # every prompt once
+    lengths = [7, 3, 12, 6, 1, 2, 9]
+    assert all(lengths[i] * 2 >= lengths[g[0]] for g in groups for i in g)  # at most half padding
