@@ -7,9 +7,10 @@ Steps (about 5-10 minutes; never more than 30, or it stops with an error):
 2. the models saved in a form transformers 4.34 reads (``pytorch_model.bin``; ``vocab.json`` +
    ``merges.txt`` for the byte-level BPE tokenizer): the embedded model and the
    GPT-2-small-shaped one of common.py;
-3. per model, LMQL's server (``lmql serve-model DIR``) and ours (``serve-model DIR``) in turn, each
-   answering the same LMQL 0.7.3 program (`DRIVER`, `lmql.model(DIR, endpoint=...)`): argmax
-   queries with STOPS_AT, ``len``, ``len(TOKENS)``, ``in``, INT and a distribution clause.
+3. per model, LMQL's server (``lmql serve-model DIR``) and ours (``serve-model DIR``) both up,
+   answering in turn (one driver run each per repetition) the same LMQL 0.7.3 program (`DRIVER`,
+   `lmql.model(DIR, endpoint=...)`): argmax queries with STOPS_AT, ``len``, ``len(TOKENS)``,
+   ``in``, INT and a distribution clause.
 
 Checks that both servers give the same answers, and prints the time per query and the ratio
 (LMQL's server / ours). Targets: embedded model ``len(X) <``, ``len(TOKENS(X)) <``, ``in`` >= 3;
@@ -202,6 +203,22 @@ def run_driver(python: Path, endpoint: str, model_dir: str, queries: dict[str, s
     return json.loads(line[len("RESULT "):])
 
 
+def alternate_drivers(python: Path, endpoints: list[str], model_dir: str, queries: dict[str, str], repetitions: int,
+                      workdir: Path, deadline: Deadline, env: dict[str, str]) -> list[dict]:
+    """Each endpoint's answers and seconds, one timed run of every query per driver, the servers in
+    turn (so load from other processes hits both; an idle server of either kind waits on its socket)."""
+    results: list[dict] = [{} for _ in endpoints]
+    for _ in range(repetitions):
+        for endpoint, result in zip(endpoints, results):
+            run = run_driver(python, endpoint, model_dir, queries, 1, workdir, deadline, env)
+            for name, item in run.items():
+                if name in result:
+                    result[name]["seconds"] += item["seconds"]
+                else:
+                    result[name] = item
+    return results
+
+
 def answers_equal(theirs: dict, ours: dict) -> bool:
     if theirs["variables"] != ours["variables"]:
         return False
@@ -219,11 +236,11 @@ def compare_model(label: str, model_dir: str, queries: dict[str, str], targets: 
     env = lmql_env(workdir)
     server = LmqlServer(python, model_dir, env, workdir / f"lmql-server-{label}.log").start(deadline)
     try:
-        theirs = run_driver(python, server.endpoint, model_dir, queries, repetitions, workdir, deadline, env)
+        with ServerProcess(model_dir) as ours_server:
+            theirs, ours = alternate_drivers(python, [server.endpoint, ours_server.endpoint], model_dir, queries,
+                                             repetitions, workdir, deadline, env)
     finally:
         server.stop()
-    with ServerProcess(model_dir) as ours_server:
-        ours = run_driver(python, ours_server.endpoint, model_dir, queries, repetitions, workdir, deadline, env)
     figures, differing = [], []
     for name in queries:
         equal = answers_equal(theirs[name], ours[name])
