@@ -162,15 +162,31 @@ def same_columns(a: StoredKV, b: StoredKV) -> bool:
 
 
 def common_shared_prefix(pasts) -> StoredKV | None:
-    """The prefix all `pasts` start with (the shared part of the first SharedPrefixKV), else None.
+    """The prefix all `pasts` start with, else None: the shared part of the first SharedPrefixKV,
+    or, when every past is a view of one row of one-row store from the same column (forks of one
+    cached KV, e.g. beams of one parent), their shortest common part if it is long enough to share.
 
     A plain KV of the prefix's own store row that extends it (the fork that grew the prefix in
     place) counts as sharing it.
     """
     shared = next((past.shared for past in pasts if isinstance(past, SharedPrefixKV)), None)
+    if shared is None:
+        shared = common_plain_prefix(pasts)
     if shared is None or not all(as_shared(past, shared) is not None for past in pasts):
         return None
     return shared
+
+
+def common_plain_prefix(pasts) -> StoredKV | None:
+    """The shortest of `pasts` if all are plain views of one one-row store from one column and it
+    has at least SHARE_FROM_TOKENS tokens (else None)."""
+    first = pasts[0]
+    if not (isinstance(first, StoredKV) and first.store.rows == 1):
+        return None
+    if not all(isinstance(p, StoredKV) and p.store is first.store and p.start == first.start for p in pasts):
+        return None
+    shortest = min(pasts, key=lambda p: p.stop)
+    return shortest if shortest.length >= SHARE_FROM_TOKENS else None
 
 
 def as_shared(past, shared: StoredKV) -> "SharedPrefixKV | None":

@@ -91,3 +91,18 @@ def test_the_fork_that_grew_the_prefix_in_place_joins_the_shared_batch():
     assert all(isinstance(out, SharedPrefixKV) for out in kvs)
     for row, sequence in enumerate([prompt + [7, 9], prompt + [8, 10]]):
         assert torch.allclose(logits[row], full_logits(model, sequence), atol=1e-4)
+
+
+def test_plain_views_of_one_cached_kv_decode_sharing_it():
+    """Beams of one parent: each past is a plain view of the parent's store (of the same or shorter
+    length); the batch reads the shortest as the shared prefix instead of copying every past."""
+    model = random_gpt2()
+    runner, prompt = ModelRunner(model, "native"), [i * 13 % 300 for i in range(PAST)]
+    _, parent = runner.prefill(prompt, None, 0, False)
+    pasts = [parent.prefix(len(prompt) - 1), parent.prefix(len(prompt) - 1), parent.prefix(len(prompt) - 3)]
+    sequences = [prompt[:-1] + [9], prompt[:-1] + [10], prompt[:-3] + [11]]
+    logits, kvs = runner.decode([s[-1] for s in sequences], pasts, [p.length for p in pasts])
+    for row, sequence in enumerate(sequences):
+        assert isinstance(kvs[row], SharedPrefixKV) and kvs[row].shared.store is parent.store
+        assert torch.allclose(logits[row], full_logits(model, sequence), atol=1e-4)
+    assert kv_bytes(kvs) < 1.2 * kv_bytes([kvs[0]])  # one prefix plus three short tails
