@@ -24,7 +24,7 @@ from .delivery import Mailboxes
 from .kv_budget import KVBudget, KVMemory, check_limit, kv_bytes_per_token
 from .prefix_cache import PrefixCache
 from ..loader import MATMUL_CHOICES, MODEL_IMPLS, check_choice
-from .runner import ModelRunner
+from .runner import SHARE_FROM_TOKENS, ModelRunner
 from ..sampling import select_token, top_logprobs
 from .sampling import Choice, apply_processors, choose_greedy_rows
 from .scheduler import Scheduler, SchedulerConfig
@@ -133,8 +133,13 @@ class Engine(OutputStreams):
         if config.matmul != "auto":  # nothing to time: set now, so that a bad choice fails here
             self.runner.choose_linear_kernels(config.matmul, config.max_num_seqs)
         self.cache = PrefixCache(config.cache_tokens)
-        self.kv_budget = KVBudget(config.kv_cache_bytes, kv_bytes_per_token(loaded.model), loaded.context_length, self.cache)
+        self.kv_budget = KVBudget(
+            config.kv_cache_bytes, kv_bytes_per_token(loaded.model), loaded.context_length, self.cache,
+            SHARE_FROM_TOKENS if self.runner.shares_prefixes else None,
+        )
         self._kv_memory, self._kv_measured = KVMemory(), (0.0, None)  # the last measure: (when, of what)
+        self._num_freed = 0  # sequences retired or preempted so far (each may free KV memory)
+        self._held_back: tuple[Sequence, int] | None = None  # the sequence that did not fit, and _num_freed then
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_pending = 0
@@ -272,8 +277,7 @@ class Engine(OutputStreams):
                 self._retire(seq)
 
     def _step(self) -> None:
-        for seq in self.scheduler.admit(self._fits_kv_budget):
-            self._attach_prefix(seq)
+        self.scheduler.admit(self._attach_if_fits)
         plan = self.scheduler.plan()
         self._counters["steps"] += 1
         for seq in plan.prefills:
@@ -283,8 +287,17 @@ class Engine(OutputStreams):
         for seq in self.kv_budget.to_preempt(self.scheduler.running):
             self._preempt(seq)
 
-    def _fits_kv_budget(self, seq: Sequence) -> bool:
-        return self.kv_budget.admits(seq, self.scheduler.running)
+    def _attach_if_fits(self, seq: Sequence) -> bool:
+        """Attach the cached prefix of `seq` if its KV fits under the bound beside the running sequences.
+        A sequence that did not fit is tried again once a sequence has finished or was preempted."""
+        if self._held_back == (seq, self._num_freed):
+            return False
+        self._attach_prefix(seq)
+        if self.kv_budget.admits(seq, self.scheduler.running):
+            return True
+        seq.kv, seq.num_computed, seq.num_cached = None, 0, 0
+        self._held_back = (seq, self._num_freed)
+        return False
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop a running sequence's KV and queue it again first: it is recomputed, then continues."""
@@ -292,6 +305,7 @@ class Engine(OutputStreams):
         seq.kv, seq.num_computed, seq.num_cached = None, 0, 0
         self.scheduler.preempt(seq)
         self._counters["preemptions"] += 1
+        self._num_freed += 1
 
     def _attach_prefix(self, seq: Sequence) -> None:
         """Reuse the longest cached prefix; always leave at least one token to compute."""
@@ -382,6 +396,7 @@ class Engine(OutputStreams):
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.retire(seq)
+        self._num_freed += 1
         with self._pending_lock:
             self._num_pending -= 1
         if not seq.is_aborted and seq.kv is not None and self.config.use_prefix_cache:

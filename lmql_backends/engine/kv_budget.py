@@ -70,10 +70,12 @@ class KVMemory:
 class KVBudget:
     """The engine's KV memory: measured, and kept under `limit_bytes` (None: no bound)."""
 
-    def __init__(self, limit_bytes: int | None, bytes_per_token: int, context_length: int, cache: PrefixCache):
+    def __init__(self, limit_bytes: int | None, bytes_per_token: int, context_length: int, cache: PrefixCache,
+                 shares_from: int | None = None):
+        """`shares_from`: a cached past at least this long is shared by the runner, not copied (None: always copied)."""
         check_limit(limit_bytes)
         self.limit_bytes, self.bytes_per_token = limit_bytes, bytes_per_token
-        self.context_length, self.cache = context_length, cache
+        self.context_length, self.cache, self.shares_from = context_length, cache, shares_from
         self._cache_bytes: int | None = None  # the cache's bytes, until it changes
 
     # ---- requests ----------------------------------------------------------------------
@@ -146,10 +148,15 @@ class KVBudget:
 
     def reserved_tokens(self, seq: Sequence) -> int:
         """Columns `seq` may still add, up to prompt + max_tokens. Until its first forward since its prefix
-        was attached, its whole length counts: the runner may copy a cached past rather than share it."""
+        was attached, a cached past counts too unless the runner will share it (`shares_from`)."""
         target = min(len(seq.request.prompt_ids) + seq.request.max_tokens, self.context_length)
-        has_run = seq.num_computed > seq.num_cached
-        return max(0, target - (seq.num_computed if has_run else 0))
+        if seq.num_computed > seq.num_cached:  # it has run: its KV is its own
+            kept = seq.num_computed
+        elif self.shares_from is not None and seq.num_cached >= self.shares_from:
+            kept = seq.num_cached
+        else:
+            kept = 0
+        return max(0, target - kept)
 
     def measure(self, running: list[Sequence]) -> KVMemory:
         """What is held now (a few kv_bytes passes over the running sequences: call it now and then)."""
