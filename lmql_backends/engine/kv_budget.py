@@ -97,11 +97,10 @@ class KVBudget:
         """Whether `seq` (its cached prefix attached) may start beside `running`; evicts cache entries to make room."""
         if self.limit_bytes is None:
             return True
-        kvs = held_kvs([*running, seq])
         reserved = self.reserved_bytes([*running, seq])
-        if kv_bytes(kvs) + self.cache_bytes() + reserved <= self.limit_bytes:  # an upper bound of what is held
+        if self.upper_bound([*running, seq]) + reserved <= self.limit_bytes:
             return True
-        excess = self._evict_while_over(kvs, reserved)
+        excess = self._evict_while_over(held_kvs([*running, seq]), reserved)
         return excess <= 0 or not running
 
     def to_preempt(self, running: list[Sequence]) -> list[Sequence]:
@@ -109,10 +108,9 @@ class KVBudget:
         sequences to preempt while the running ones alone still exceed it (never the last one)."""
         if self.limit_bytes is None:
             return []
-        kvs = held_kvs(running)
-        if kv_bytes(kvs) + self.cache_bytes() <= self.limit_bytes:
+        if self.upper_bound(running) <= self.limit_bytes:
             return []
-        self._evict_while_over(kvs, 0)
+        self._evict_while_over(held_kvs(running), 0)
         active, victims = [seq for seq in running if seq.kv is not None], []
         while len(active) > 1 and kv_bytes(held_kvs(active)) > self.limit_bytes:
             victims.append(active.pop())
@@ -131,6 +129,10 @@ class KVBudget:
     def cache_changed(self) -> None:
         """Say that prefix-cache entries were added or removed (its bytes are measured again when asked)."""
         self._cache_bytes = None
+
+    def upper_bound(self, seqs: list[Sequence]) -> int:
+        """At least what `seqs` and the cache hold (no measure: each sequence's KV covers its computed tokens)."""
+        return sum(seq.num_computed for seq in seqs if seq.kv is not None) * self.bytes_per_token + self.cache_bytes()
 
     def cache_bytes(self) -> int:
         if self._cache_bytes is None:
