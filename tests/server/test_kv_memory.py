@@ -139,6 +139,26 @@ async def test_lmtp_gets_the_same_error_as_an_error_item(session, small_kv_serve
     assert item["code"] == "kv_cache_exceeded" and "--kv-cache-bytes" in item["error"]
 
 
+async def test_the_legacy_api_delivers_the_same_error_as_the_samples_result(session):
+    server = serve(MODEL, port=0, background=True, legacy=True, engine=EngineConfig(kv_cache_bytes=64 * BYTES_PER_TOKEN))
+    try:
+        url = f"http://{server.endpoint}"
+        for sample_id, ids in (("too-long", list(range(1, 81))), ("fits", list(range(1, 41)))):
+            body = {"action": "forward", "client_id": "kv", "sample_id": sample_id, "input_ids": [ids],
+                    "attention_mask": None, "model_identifier": MODEL}
+            async with session.post(f"{url}/queue", data=json.dumps(body)) as response:
+                assert response.status == 200 and await response.json() == {"sample_id": sample_id}
+        results: dict = {}
+        while len(results) < 2:  # long polls
+            async with session.get(f"{url}/results/kv", params={"wait": 5}) as response:
+                results.update((r["sample_id"], r) for r in await response.json())
+    finally:
+        server.stop()
+    assert "--kv-cache-bytes" in results["too-long"]["error"] and "80 tokens" in results["too-long"]["error"]
+    [logits] = results["fits"]["next_token_logits"]  # one row
+    assert len(logits) == server.state.loaded.vocab_size
+
+
 @pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "engine-thread"])
 async def test_a_queue_full_of_requests_waiting_for_kv_is_a_503_then_the_server_serves_again(session, engine_process):
     """Memory for one 210-token request at a time, four sequence slots and one queue place: five requests are
