@@ -1,9 +1,11 @@
 """KV memory: what a token's keys and values cost, what the engine holds, and the ``--kv-cache-bytes`` bound.
 
 One token (one KV column) costs layers x 2 (keys and values) x KV heads x head dim x the dtype's size,
-read from the model's config; that is what `runner.kv_bytes` measures per column. Memory is measured,
-never estimated: the distinct columns that running sequences and prefix-cache entries reference (a
-column several of them share counts once), so branches of one prompt cost one prompt plus their tails.
+read from the model's config; that is what `runner.kv_bytes` measures per column. What is held is
+measured: the distinct columns that running sequences and prefix-cache entries reference (a column
+several of them share counts once), so branches of one prompt cost one prompt plus their tails. Only
+what a sequence may still add is estimated: up to prompt + max_tokens tokens, less the past it has
+computed, or the cached past it will share (one the runner shares rather than copies: `shares_from`).
 
 The bound covers everything the engine holds, the running sequences and the prefix cache together:
 
