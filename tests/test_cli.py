@@ -165,7 +165,7 @@ def metric_values(port: int) -> dict[str, float]:
 
 
 @pytest.mark.timeout(180)
-def test_threads_model_impl_and_matmul_flags_reach_the_server(serve_model):
+def test_threads_model_impl_matmul_and_kv_cache_bytes_flags_reach_the_server(serve_model):
     port, process = serve_model("--legacy", "--threads", "3", "--model-impl", "transformers")
     deadline = time.monotonic() + 30
     while metric_values(port)["lmql_backends_num_threads"] == 0 and time.monotonic() < deadline:
@@ -173,9 +173,11 @@ def test_threads_model_impl_and_matmul_flags_reach_the_server(serve_model):
     metrics = metric_values(port)
     assert metrics["lmql_backends_num_threads"] == 3
     assert metrics["lmql_backends_is_native_forward"] == 0
-    other_port, other = serve_model("--legacy", "--matmul", "onednn")
+    assert metrics["lmql_backends_kv_limit_bytes"] == 0
+    other_port, other = serve_model("--legacy", "--matmul", "onednn", "--kv-cache-bytes", "64MiB")
     other_metrics = metric_values(other_port)
     assert other_metrics["lmql_backends_is_native_forward"] == 1
+    assert other_metrics["lmql_backends_kv_limit_bytes"] == 64 * 2**20
     assert other_metrics["lmql_backends_num_onednn_linears"] == 4 * 4 + 1  # 4 per block and the LM head
     for server in (process, other):
         server.send_signal(signal.SIGTERM)
