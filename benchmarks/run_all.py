@@ -29,6 +29,7 @@ from pathlib import Path
 import common
 import concurrency
 import constraints
+import kv_budget
 import legacy_latency
 import scaling
 import shared_prefix
@@ -46,6 +47,7 @@ BENCHMARKS = {
     "ttft_memory": ttft_memory.run,
     "tuning": tuning.run,
     "shared_prefix": shared_prefix.run,
+    "kv_budget": kv_budget.run,
 }
 DEFAULT_RUN = [*BENCHMARKS, "masks"]
 MASKS_LINE = re.compile(r"^(?P<name>\S.*?)\s+(?P<median>\d+\.\d+)\s+(?P<target>\d+\.\d+)\s+\d+\.\d+$")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .console import configure_console
@@ -59,6 +60,9 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--cache-tokens", type=int, default=32768, help="prefix KV cache size in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
+    serve.add_argument("--kv-cache-bytes", type=parse_byte_size, default=None, metavar="SIZE",
+                       help="most KV memory running requests and the prefix cache hold together, e.g. 512MiB or 2GB "
+                            "(default: no bound beyond --cache-tokens and --max-num-seqs)")
     serve.add_argument("--threads", type=int, default=None,
                        help="torch threads of the engine (default: torch's default)")
     serve.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto",
@@ -120,6 +124,28 @@ def add_migrate_parser(commands) -> None:
     migrate.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
 
 
+#: what a unit of --kv-cache-bytes multiplies by (case-insensitive; a bare number is bytes)
+BYTE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+BYTE_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_byte_size(text: str) -> int:
+    """Bytes from ``1073741824``, ``512MiB``, ``2GB``, ``1.5GiB`` or ``4G`` (K/M/G/T alone are powers of 1024,
+    kB/MB/GB/TB powers of 1000); a bad value is an argparse error naming it and the accepted forms."""
+    match = BYTE_SIZE.fullmatch(text)
+    unit = match and BYTE_UNITS.get(match.group(2).lower())
+    size = int(float(match.group(1)) * unit) if unit else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size in bytes: give a positive integer of bytes (1073741824) or a number with a "
+            f"unit: KiB, MiB, GiB, TiB (or K, M, G, T: powers of 1024) or kB, MB, GB, TB (powers of 1000), e.g. 512MiB"
+        )
+    return size
+
+
 def run_conformance(args) -> int:
     from .conformance import ConformanceOptions, run_command
 
@@ -156,7 +182,7 @@ def serve_model(args, extra: list[str]) -> None:
 
     engine = EngineConfig(
         cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
-        num_threads=args.threads, model_impl=args.model_impl, matmul=args.matmul,
+        num_threads=args.threads, model_impl=args.model_impl, matmul=args.matmul, kv_cache_bytes=args.kv_cache_bytes,
     )
     serve(
         args.model, host=args.host, port=args.port, legacy=args.legacy, api_key=args.api_key,

@@ -5,13 +5,15 @@ Hierarchy::
     LmqlBackendsError                 base of everything below
     ├── InvalidRequestError           a request or argument has a bad value (HTTP 400); names it
     │   ├── ContextLengthError        prompt + max_tokens exceed the model's context length
+    │   ├── KVCacheLimitError         prompt + max_tokens need more KV memory than --kv-cache-bytes allows
     │   ├── QuerySyntaxError          a query does not parse; carries line and column
     │   ├── RequestTooLargeError      the request body is over the server's limit (HTTP 413)
     │   ├── EndpointNotFoundError     no endpoint has this path (HTTP 404)
     │   └── MethodNotAllowedError     the endpoint exists, not with this method (HTTP 405)
     ├── ModelNotFoundError            a request names a model this server does not serve (HTTP 404)
     ├── AuthenticationError           missing or wrong API key (HTTP 401)
-    ├── OverloadedError               the request queue is full (HTTP 429 / 503, with Retry-After)
+    ├── OverloadedError               the request queue is full (HTTP 429, with Retry-After)
+    │   └── KVCacheFullError          the queue is full of requests waiting for KV memory (HTTP 503)
     ├── ModelLoadError                the shared loader could not load a model
     │   └── MissingExtraError         an optional package is missing; says which extra to install
     ├── ConstraintError               constraints cannot be satisfied (no allowed token)
@@ -42,6 +44,11 @@ class InvalidRequestError(LmqlBackendsError, ValueError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt plus the tokens to generate do not fit in the model's context."""
+
+
+class KVCacheLimitError(InvalidRequestError):
+    """A request's KV (prompt plus max_tokens) is larger than the server's ``--kv-cache-bytes`` bound:
+    it could never run, even alone; the message names the sizes and the fix."""
 
 
 class QuerySyntaxError(InvalidRequestError):
@@ -83,6 +90,11 @@ class OverloadedError(LmqlBackendsError):
     def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class KVCacheFullError(OverloadedError):
+    """The queue is full and the requests in it wait for KV memory (``--kv-cache-bytes``); retry after
+    `retry_after` seconds."""
 
 
 class ModelLoadError(LmqlBackendsError):

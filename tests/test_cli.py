@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from lmql_backends.cli import parse_passthrough
+from lmql_backends.cli import main, make_parser, parse_byte_size, parse_passthrough
 from lmql_backends.errors import InvalidRequestError
 
 EOS_TEXT = "<|endoftext|>"  # the embedded tiny model's EOS token
@@ -30,6 +30,36 @@ def test_passthrough_flags_are_typed():
 def test_passthrough_flag_without_value_is_an_error_naming_it():
     with pytest.raises(InvalidRequestError, match="--trust_remote_code"):
         parse_passthrough(["--trust_remote_code"])
+
+
+@pytest.mark.parametrize("text, size", [
+    ("1073741824", 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29), ("4G", 4 * 2**30),
+    ("64k", 64 * 2**10), ("100kB", 100_000), (" 3 mib ", 3 * 2**20), ("7b", 7),
+])
+def test_kv_cache_bytes_takes_integers_and_sizes_with_units(text, size):
+    assert parse_byte_size(text) == size
+    args = make_parser().parse_args(["serve-model", "builtin:tiny", "--kv-cache-bytes", text])
+    assert args.kv_cache_bytes == size
+
+
+def test_kv_cache_bytes_defaults_to_no_bound():
+    assert make_parser().parse_args(["serve-model", "builtin:tiny"]).kv_cache_bytes is None
+
+
+@pytest.mark.parametrize("text", ["12XB", "", "-5MiB", "0", "0.1B", "GiB", "1e9", "2 GB extra"])
+def test_a_bad_kv_cache_bytes_is_a_cli_error_naming_the_value_and_the_accepted_forms(text, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        make_parser().parse_args(["serve-model", "builtin:tiny", f"--kv-cache-bytes={text}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache-bytes" in err and repr(text) in err and "MiB" in err and "GB" in err
+
+
+def test_kv_cache_bytes_with_upstream_is_an_error_before_anything_loads(capsys):
+    code = main(["serve-model", "builtin:tiny", "--kv-cache-bytes", "1GiB", "--upstream", "http://127.0.0.1:9"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache-bytes" in err and "--upstream" in err
 
 
 def free_port() -> int:
@@ -135,7 +165,7 @@ def metric_values(port: int) -> dict[str, float]:
 
 
 @pytest.mark.timeout(180)
-def test_threads_model_impl_and_matmul_flags_reach_the_server(serve_model):
+def test_threads_model_impl_matmul_and_kv_cache_bytes_flags_reach_the_server(serve_model):
     port, process = serve_model("--legacy", "--threads", "3", "--model-impl", "transformers")
     deadline = time.monotonic() + 30
     while metric_values(port)["lmql_backends_num_threads"] == 0 and time.monotonic() < deadline:
@@ -143,9 +173,11 @@ def test_threads_model_impl_and_matmul_flags_reach_the_server(serve_model):
     metrics = metric_values(port)
     assert metrics["lmql_backends_num_threads"] == 3
     assert metrics["lmql_backends_is_native_forward"] == 0
-    other_port, other = serve_model("--legacy", "--matmul", "onednn")
+    assert metrics["lmql_backends_kv_limit_bytes"] == 0
+    other_port, other = serve_model("--legacy", "--matmul", "onednn", "--kv-cache-bytes", "64MiB")
     other_metrics = metric_values(other_port)
     assert other_metrics["lmql_backends_is_native_forward"] == 1
+    assert other_metrics["lmql_backends_kv_limit_bytes"] == 64 * 2**20
     assert other_metrics["lmql_backends_num_onednn_linears"] == 4 * 4 + 1  # 4 per block and the LM head
     for server in (process, other):
         server.send_signal(signal.SIGTERM)

@@ -37,10 +37,11 @@ class Consumers:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._emits
 
-    def add_locked(self, request_id: str, emit: Callable[[Output], None], config: EngineConfig) -> None:
-        """Count a request (OverloadedError when `config`'s capacity is full) and keep its `emit`;
-        the caller holds `lock`."""
-        check_capacity(self._num_pending, config)
+    def add_locked(self, request_id: str, emit: Callable[[Output], None], config: EngineConfig,
+                   is_waiting_for_kv: bool = False) -> None:
+        """Count a request (OverloadedError when `config`'s capacity is full, see `check_capacity`) and keep
+        its `emit`; the caller holds `lock`."""
+        check_capacity(self._num_pending, config, is_waiting_for_kv)
         self._num_pending += 1
         self._emits[request_id] = emit
 

@@ -16,11 +16,15 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConstraintError, ContextLengthError, EngineError, InvalidRequestError, OverloadedError, RequestCancelledError
+from ..errors import (
+    ConstraintError, ContextLengthError, EngineError, InvalidRequestError, KVCacheFullError, KVCacheLimitError,
+    OverloadedError, RequestCancelledError,
+)
 from .delivery import Mailboxes
+from .kv_budget import KVBudget, KVMemory, check_limit, kv_bytes_per_token
 from .prefix_cache import PrefixCache
 from ..loader import MATMUL_CHOICES, MODEL_IMPLS, check_choice
-from .runner import ModelRunner
+from .runner import SHARE_FROM_TOKENS, ModelRunner
 from ..sampling import select_token, top_logprobs
 from .sampling import Choice, apply_processors, choose_greedy_rows
 from .scheduler import Scheduler, SchedulerConfig, length_groups
@@ -30,11 +34,13 @@ from .streams import OutputStreams
 log = logging.getLogger("lmql_backends.engine")
 
 STATS_WINDOW_SECONDS = 10.0
+#: how often, while sequences run, the KV memory figures of /metrics are measured again (seconds)
+KV_MEASURE_SECONDS = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Engine settings (the server flags --cache-tokens, --max-num-seqs, --max-queue)."""
+    """Engine settings (the server flags --cache-tokens, --max-num-seqs, --max-queue, --kv-cache-bytes)."""
 
     cache_tokens: int = 32768
     max_num_seqs: int = 32
@@ -49,8 +55,12 @@ class EngineConfig:
     matmul: str = "auto"
     #: prompts without a cached past that arrive together run in one forward (see runner.prefill_batch)
     batch_prefills: bool = True
+    #: the most KV memory (bytes) running sequences and the prefix cache hold together; None: no bound
+    #: beyond --cache-tokens and --max-num-seqs (see kv_budget)
+    kv_cache_bytes: int | None = None
 
     def __post_init__(self):
+        check_limit(self.kv_cache_bytes)
         check_choice("model_impl", self.model_impl, MODEL_IMPLS)
         check_choice("matmul", self.matmul, MATMUL_CHOICES)
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
@@ -95,6 +105,22 @@ class EngineStats:
     is_native_forward: bool
     #: linear layers that run on oneDNN for some batch size (see linear_kernels; 0 with matmul "blas")
     num_onednn_linears: int
+    # KV memory (see kv_budget.KVMemory; measured at most KV_MEASURE_SECONDS ago; a shared column counts once)
+    kv_bytes_per_token: int = 0
+    #: the --kv-cache-bytes bound (0: none)
+    kv_limit_bytes: int = 0
+    kv_used_bytes: int = 0
+    kv_used_tokens: int = 0
+    kv_shared_bytes: int = 0
+    kv_private_bytes: int = 0
+    kv_prefix_cache_bytes: int = 0
+    kv_total_bytes: int = 0
+    kv_reserved_bytes: int = 0
+    kv_free_bytes: int = 0
+    #: waiting requests held back because their KV does not fit under the bound yet
+    num_waiting_for_kv: int = 0
+    #: running sequences preempted (KV dropped, recomputed later) because KV outgrew the bound
+    num_preemptions: int = 0
 
 
 class Engine(OutputStreams):
@@ -109,6 +135,13 @@ class Engine(OutputStreams):
         if config.matmul != "auto":  # nothing to time: set now, so that a bad choice fails here
             self.runner.choose_linear_kernels(config.matmul, config.max_num_seqs)
         self.cache = PrefixCache(config.cache_tokens)
+        self.kv_budget = KVBudget(
+            config.kv_cache_bytes, kv_bytes_per_token(loaded.model), loaded.context_length, self.cache,
+            SHARE_FROM_TOKENS if self.runner.shares_prefixes else None,
+        )
+        self._kv_memory, self._kv_measured = KVMemory(), (0.0, None)  # the last measure: (when, of what)
+        self._num_freed = 0  # sequences retired or preempted so far (each may free KV memory)
+        self._held_back: tuple[Sequence, int] | None = None  # the sequence that did not fit, and _num_freed then
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_pending = 0
@@ -158,7 +191,7 @@ class Engine(OutputStreams):
             raise RequestCancelledError("the engine is shutting down")
         with self._pending_lock:
             if not is_checked:
-                check_capacity(self._num_pending, self.config)
+                check_capacity(self._num_pending, self.config, is_waiting_for_kv=self.scheduler.num_held_back > 0)
             self._num_pending += 1
         self.start()
         self._inbox.put(("add", seq))
@@ -191,6 +224,7 @@ class Engine(OutputStreams):
             except Exception as exc:  # never let the engine thread die
                 log.exception("engine step failed")
                 self._fail(list(self.scheduler.running), exc)
+            self._measure_kv_if_due()
             self._after_step()
         self._cancel_all()
         self._after_step()
@@ -233,6 +267,10 @@ class Engine(OutputStreams):
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "add":
+            try:
+                self.kv_budget.check_fits_alone(payload.request)
+            except KVCacheLimitError as exc:  # it could never run: refused now, not after a wait
+                return self._fail([payload], exc)
             self.scheduler.waiting.append(payload)
         elif kind == "abort":
             seq = self.scheduler.find(payload)
@@ -241,13 +279,34 @@ class Engine(OutputStreams):
                 self._retire(seq)
 
     def _step(self) -> None:
-        for seq in self.scheduler.admit():
-            self._attach_prefix(seq)
+        self.scheduler.admit(self._attach_if_fits)
         plan = self.scheduler.plan()
         self._counters["steps"] += 1
         self._run_prefills(plan.prefills)
         if plan.decodes:
             self._run_decode(plan.decodes)
+        for seq in self.kv_budget.to_preempt(self.scheduler.running):
+            self._preempt(seq)
+
+    def _attach_if_fits(self, seq: Sequence) -> bool:
+        """Attach the cached prefix of `seq` if its KV fits under the bound beside the running sequences.
+        A sequence that did not fit is tried again once a sequence has finished or was preempted."""
+        if self._held_back == (seq, self._num_freed):
+            return False
+        self._attach_prefix(seq)
+        if self.kv_budget.admits(seq, self.scheduler.running):
+            return True
+        seq.kv, seq.num_computed, seq.num_cached = None, 0, 0
+        self._held_back = (seq, self._num_freed)
+        return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop a running sequence's KV and queue it again first: it is recomputed, then continues."""
+        log.debug("KV over the bound: preempting request %s", seq.request.request_id)
+        seq.kv, seq.num_computed, seq.num_cached = None, 0, 0
+        self.scheduler.preempt(seq)
+        self._counters["preemptions"] += 1
+        self._num_freed += 1
 
     def _attach_prefix(self, seq: Sequence) -> None:
         """Reuse the longest cached prefix; always leave at least one token to compute."""
@@ -361,10 +420,12 @@ class Engine(OutputStreams):
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.retire(seq)
+        self._num_freed += 1
         with self._pending_lock:
             self._num_pending -= 1
         if not seq.is_aborted and seq.kv is not None and self.config.use_prefix_cache:
             self.cache.insert(seq.ids[:seq.num_computed], seq.kv)
+            self.kv_budget.cache_changed()
         seq.kv = None
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
@@ -387,7 +448,16 @@ class Engine(OutputStreams):
         self._rate.add(n)
 
     # ---- observability ---------------------------------------------------------------
+    def _measure_kv_if_due(self) -> None:
+        """Measure KV memory when sequences came or went, else at most every KV_MEASURE_SECONDS (engine thread)."""
+        scheduler, (measured_at, measured_of) = self.scheduler, self._kv_measured
+        of = (len(scheduler.running), len(scheduler.waiting), self._counters["preemptions"])
+        now = time.monotonic()
+        if of != measured_of or now - measured_at >= KV_MEASURE_SECONDS:
+            self._kv_memory, self._kv_measured = self.kv_budget.measure(scheduler.running), (now, of)
+
     def stats(self) -> EngineStats:
+        memory, budget = self._kv_memory, self.kv_budget
         return EngineStats(
             tokens_per_second=self._rate.per_second(),
             num_generated_tokens=self._counters["generated"],
@@ -403,6 +473,18 @@ class Engine(OutputStreams):
             num_threads=self.num_threads or 0,
             is_native_forward=self.runner.is_native,
             num_onednn_linears=self.runner.num_onednn_linears,
+            kv_bytes_per_token=budget.bytes_per_token,
+            kv_limit_bytes=budget.limit_bytes or 0,
+            kv_used_bytes=memory.used_bytes,
+            kv_used_tokens=memory.used_bytes // budget.bytes_per_token,
+            kv_shared_bytes=memory.shared_bytes,
+            kv_private_bytes=memory.private_bytes,
+            kv_prefix_cache_bytes=memory.prefix_cache_bytes,
+            kv_total_bytes=memory.total_bytes,
+            kv_reserved_bytes=memory.reserved_bytes,
+            kv_free_bytes=budget.free_bytes(memory),
+            num_waiting_for_kv=self.scheduler.num_held_back,
+            num_preemptions=self._counters["preemptions"],
         )
 
 
@@ -421,10 +503,17 @@ def are_in_vocabulary(ids, vocab_size: int) -> bool:
     return min(ids) >= 0 and max(ids) < vocab_size
 
 
-def check_capacity(num_pending: int, config: EngineConfig) -> None:
-    """OverloadedError (429) when `num_pending` requests already fill the running slots and the queue."""
-    if num_pending >= config.max_queue + config.max_num_seqs:
-        raise OverloadedError(f"the engine is at capacity ({num_pending} requests); retry later")
+def check_capacity(num_pending: int, config: EngineConfig, is_waiting_for_kv: bool = False) -> None:
+    """OverloadedError (429) when `num_pending` requests already fill the running slots and the queue;
+    KVCacheFullError (503) when, besides, the queue waits for KV memory (`is_waiting_for_kv`)."""
+    if num_pending < config.max_queue + config.max_num_seqs:
+        return
+    if is_waiting_for_kv:
+        raise KVCacheFullError(
+            f"the engine is at capacity ({num_pending} requests) and the waiting ones wait for KV memory "
+            f"(--kv-cache-bytes {config.kv_cache_bytes}); retry later"
+        )
+    raise OverloadedError(f"the engine is at capacity ({num_pending} requests); retry later")
 
 
 def check_request(request: Request, vocab_size: int, context_length: int) -> None:

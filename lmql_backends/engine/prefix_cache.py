@@ -225,6 +225,15 @@ class PrefixCache:
         while self.num_tokens > self.max_tokens and self.entries:
             self._remove(next(iter(self.entries)))
 
+    def evict_oldest(self, num_tokens: int) -> int:
+        """Evict least recently used entries until `num_tokens` tokens went (or the cache is empty); how many went."""
+        evicted = 0
+        while evicted < num_tokens and self.entries:
+            key = next(iter(self.entries))
+            evicted += len(self.entries[key].ids)
+            self._remove(key)
+        return evicted
+
     def clear(self) -> None:
         for key in list(self.entries):
             self._remove(key)

@@ -113,7 +113,7 @@ class EngineProcess(OutputStreams):
         if self._process.poll() is not None:
             raise self._gone_error()
         with self._lock:
-            self._consumers.add_locked(request.request_id, emit, self.config)
+            self._consumers.add_locked(request.request_id, emit, self.config, self._stats.num_waiting_for_kv > 0)
             self._unsent.append(request)
             is_first = len(self._unsent) == 1
         if is_first:

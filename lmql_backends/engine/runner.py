@@ -468,7 +468,8 @@ def kv_bytes(kvs: list[KVCache]) -> int:
             continue
         for store, row, start, stop in kv.pieces():
             spans.setdefault((id(store), row), []).append((start, stop))
-            column_bytes[id(store)] = store.column_bytes()
+            if id(store) not in column_bytes:
+                column_bytes[id(store)] = store.column_bytes()
     for (store_id, _), intervals in spans.items():
         total += column_bytes[store_id] * covered_length(intervals)
     return total

@@ -1,14 +1,17 @@
 """The scheduler: decides which sequences run in the next engine step.
 
-New sequences wait in `waiting` (the engine bounds how many it accepts); up to `max_num_seqs` run at once. Every step runs the
+New sequences wait in `waiting` (the engine bounds how many it accepts); up to `max_num_seqs` run at once,
+first come first served, while the engine's `fits` test (its KV memory bound) lets them. Every step runs the
 prompts of newly admitted sequences (prefill, within a token budget) and one batched decode
-step for every running sequence that has exactly one token to compute.
+step for every running sequence that has exactly one token to compute. A preempted sequence goes back
+to the front of the queue.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Callable
 
 from .sequence import Sequence
 
@@ -34,15 +37,26 @@ class Scheduler:
         self.config = config
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        #: waiting sequences that `fits` held back at the last admission (the first one did not fit)
+        self.num_held_back = 0
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running set while there is room."""
+    def admit(self, fits: Callable[[Sequence], bool] = lambda seq: True) -> list[Sequence]:
+        """Move waiting sequences into the running set, in order, while there is a slot and `fits(seq)`."""
         admitted = []
+        self.num_held_back = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs:
+            if not fits(self.waiting[0]):
+                self.num_held_back = len(self.waiting)
+                break
             seq = self.waiting.popleft()
             self.running.append(seq)
             admitted.append(seq)
         return admitted
+
+    def preempt(self, seq: Sequence) -> None:
+        """Put a running sequence back at the front of the queue (it starts again before the others)."""
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
 
     def plan(self) -> StepPlan:
         """Decode every sequence with one new token together; prefill the others within budget.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import (
     AuthenticationError, ConstraintError, ContextLengthError, EndpointNotFoundError, EngineError,
-    InvalidRequestError, MethodNotAllowedError, ModelNotFoundError, OverloadedError,
+    InvalidRequestError, KVCacheFullError, KVCacheLimitError, MethodNotAllowedError, ModelNotFoundError, OverloadedError,
     RequestCancelledError, RequestTooLargeError, UpstreamError, UpstreamUnavailableError,
 )
 
@@ -15,10 +15,12 @@ ERROR_TABLE = [
     (EndpointNotFoundError, 404, "invalid_request_error", "not_found"),
     (MethodNotAllowedError, 405, "invalid_request_error", "method_not_allowed"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (KVCacheLimitError, 400, "invalid_request_error", "kv_cache_exceeded"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ConstraintError, 400, "invalid_request_error", "unsatisfiable_constraints"),
     (AuthenticationError, 401, "invalid_request_error", "invalid_api_key"),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (KVCacheFullError, 503, "server_error", "kv_cache_full"),
     (OverloadedError, 429, "rate_limit_error", "queue_full"),
     (UpstreamUnavailableError, 503, "server_error", "upstream_unavailable"),
     (UpstreamError, 502, "server_error", "upstream_error"),
@@ -49,7 +51,7 @@ def openai_error_body(exc: BaseException) -> dict:
 
 
 def error_headers(exc: BaseException) -> dict[str, str]:
-    """Extra headers: Retry-After for overload."""
+    """Extra headers: Retry-After for overload (429 and 503 kv_cache_full)."""
     if isinstance(exc, OverloadedError):
         return {"Retry-After": str(max(1, round(exc.retry_after)))}
     return {}

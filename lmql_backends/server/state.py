@@ -59,6 +59,12 @@ class ServerConfig:
             raise InvalidRequestError(
                 f"drain_seconds must be a number of seconds >= 0, got {self.drain_seconds!r}", "drain_seconds"
             )
+        if self.upstream is not None and self.engine.kv_cache_bytes is not None:
+            raise InvalidRequestError(
+                "kv_cache_bytes (--kv-cache-bytes) bounds this server's own KV memory, but with --upstream the "
+                "upstream runs the model and owns its memory: drop --kv-cache-bytes and set the upstream's own limit "
+                "(vLLM: --gpu-memory-utilization, or VLLM_CPU_KVCACHE_SPACE on CPU)", "kv_cache_bytes",
+            )
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
             raise InvalidRequestError(
                 f"max_logprobs must be an integer >= 0, or -1 for the whole vocabulary, got {self.max_logprobs!r}",
