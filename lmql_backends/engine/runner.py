@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import InvalidRequestError
 from ..loader import MODEL_IMPLS, check_choice
+from . import transformers_attention as shared_attention
 from .linear_kernels import KernelChoice, choose_kernels, uses_onednn
 from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
@@ -208,21 +209,37 @@ class StoreCache(Cache):
 
 
 class TransformersForward:
-    """The model's own transformers forward, with a `StoreCache` over the runner's store."""
+    """The model's own transformers forward, with a `StoreCache` over the runner's store.
+
+    Where the model's attention can read a shared prefix (transformers_attention.unsupported_reason
+    is None), it does: the prefix's keys and values go to the attention function as they are, the
+    cache holds only each row's own states, the positions are each row's true ones.
+    """
 
     def __init__(self, model):
         self.model = model
         self.cache_keyword = cache_keyword(model)
+        #: why the model keeps copying shared prefixes into each row (None: it reads them once)
+        self.sharing_unsupported_reason = shared_attention.unsupported_reason(model)
+        self.shares_prefixes = self.sharing_unsupported_reason is None
+        if self.shares_prefixes:
+            shared_attention.register()
 
     def __call__(self, ids, positions, padding, store: KVStore, past_len: int, all_logits: bool,
                  shared=None) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns (see NativeGpt2Forward)."""
-        if shared is not None:
-            raise ValueError("TransformersForward does not take a shared prefix (its shares_prefixes is False)")
-        out = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=padding, use_cache=True,
-            logits_to_keep=0 if all_logits else 1, **{self.cache_keyword: StoreCache(store, past_len)},
-        )
+        kwargs = {self.cache_keyword: StoreCache(store, past_len)}
+        if shared is None:
+            return self._run(ids, positions, padding, all_logits, kwargs)
+        if not self.shares_prefixes:
+            raise ValueError(f"this model cannot read a shared prefix: {self.sharing_unsupported_reason}")
+        kwargs[shared_attention.SHARED_PREFIX_KEYWORD] = shared
+        with shared_attention.swapped_attention(self.model):
+            return self._run(ids, positions, padding, all_logits, kwargs)
+
+    def _run(self, ids, positions, padding, all_logits: bool, kwargs: dict) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=padding, use_cache=True,
+                         logits_to_keep=0 if all_logits else 1, **kwargs)
         return out.logits
 
 
