@@ -19,7 +19,10 @@ Branches of one prompt share its KV: a sequence that continues a long KV it cann
 (a cached prompt other sequences fork from too) is not copied but kept as a `SharedPrefixKV`,
 the prompt's columns read where they are and only the new tokens in a tail of its own. A decode
 batch whose sequences share one prefix packs only their tails and reads the prefix once per step
-(kv_attention.shared_prefix_attention), where the forward supports it (`shares_prefixes`).
+(kv_attention.shared_prefix_attention), where the forward supports it (`shares_prefixes`): the
+native GPT-2 forward, and transformers' forward of the models whose attention can be swapped for
+the function transformers_attention registers (Llama, Mistral, Qwen2, Qwen3 on SDPA, without a
+sliding window; `TransformersForward.sharing_unsupported_reason` says why another model copies).
 """
 
 from __future__ import annotations
@@ -271,6 +274,9 @@ class ModelRunner:
         self.forward = make_forward(model, model_impl)
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        #: False: forks copy a shared past into each row even where the forward could read it once
+        #: (what every runner did before SharedPrefixKV; benchmarks compare the two)
+        self.prefix_sharing = True
 
     @property
     def is_native(self) -> bool:
@@ -321,7 +327,7 @@ class ModelRunner:
     @property
     def shares_prefixes(self) -> bool:
         """Whether the forward reads a prefix shared by a batch's rows once (see SharedPrefixKV)."""
-        return getattr(self.forward, "shares_prefixes", False)
+        return self.prefix_sharing and getattr(self.forward, "shares_prefixes", False)
 
     def _forward_batch(self, store: KVStore, tokens: list[int], positions: list[int], lengths: list[int],
                        shared: StoredKV | None) -> torch.Tensor:

@@ -43,6 +43,8 @@ BASE_IMPLEMENTATION = "sdpa"
 
 _registered = threading.Lock()
 _is_registered = False
+_swaps_lock = threading.Lock()
+_swaps: dict[int, int] = {}  # id(model config) -> blocks of swapped_attention running on it
 
 
 def unsupported_reason(model) -> str | None:
@@ -88,18 +90,24 @@ def register() -> None:
 
 @contextlib.contextmanager
 def swapped_attention(model):
-    """`model` runs its attention through `ATTENTION_NAME` inside the block (restored after it).
+    """`model` runs its attention through `ATTENTION_NAME` inside the block, SDPA's again after the last.
 
-    Another thread running the same model meanwhile is unaffected: without the shared-prefix
-    keyword the function is SDPA's, with SDPA's mask.
+    Runners of the same model in several threads may overlap: the model's attention goes back to
+    `BASE_IMPLEMENTATION` when the last block ends. Another thread running the model meanwhile
+    without a shared prefix is unaffected: the function is then SDPA's, with SDPA's mask.
     """
     config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
+    with _swaps_lock:
+        _swaps[id(config)] = _swaps.get(id(config), 0) + 1
+        config._attn_implementation = ATTENTION_NAME
     try:
         yield
     finally:
-        config._attn_implementation = before
+        with _swaps_lock:
+            _swaps[id(config)] -= 1
+            if not _swaps[id(config)]:
+                del _swaps[id(config)]
+                config._attn_implementation = BASE_IMPLEMENTATION
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

@@ -113,3 +113,15 @@ def test_the_fork_that_grew_the_prefix_in_place_joins_the_shared_batch(name):
     assert all(isinstance(out, SharedPrefixKV) for out in kvs)
     for row, sequence in enumerate([prompt + [7, 9], prompt + [8, 10]]):
         assert torch.allclose(logits[row], full_logits(model, sequence)[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2-native", "llama"])
+def test_with_prefix_sharing_off_forks_copy_the_past_and_give_the_same_logits(name):
+    model, runner = build(name)
+    runner.prefix_sharing = False
+    prompt = [i * 17 % VOCAB for i in range(PAST)]
+    past, outs = forks(runner, prompt, 2, [4])
+    assert not runner.shares_prefixes and all(not isinstance(kv, SharedPrefixKV) for _, kv in outs)
+    logits, kvs = runner.decode([5, 6], [kv for _, kv in outs], [PAST + 1] * 2)
+    assert kv_bytes(kvs) == kv_bytes([past]) // past.length * 2 * (PAST + 2)
+    assert torch.allclose(logits[1], full_logits(model, prompt + [4, 6])[-1], atol=1e-4)

@@ -80,3 +80,15 @@ def test_a_model_whose_attention_cannot_be_swapped_keeps_copying_and_says_why(ma
 
 def test_a_sliding_window_as_long_as_the_context_hides_nothing_and_shares():
     assert ModelRunner(sliding_mistral(window=SHAPE["max_position_embeddings"]), "transformers").shares_prefixes
+
+
+def test_overlapping_swaps_of_one_model_restore_its_attention_when_the_last_ends():
+    model, _ = build("llama")
+    outer = transformers_attention.swapped_attention(model)
+    inner = transformers_attention.swapped_attention(model)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # the other thread's forward is still running: still ours
+    assert model.config._attn_implementation == transformers_attention.ATTENTION_NAME
+    inner.__exit__(None, None, None)
+    assert model.config._attn_implementation == "sdpa"
