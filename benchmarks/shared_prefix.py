@@ -172,7 +172,8 @@ class SharedPrefix:
         rows = [(f"sample(n={n}), {prompts}, s per token", f"sample {n} long", f"sample {n} short", "ms",
                  SAMPLE_TARGETS[n]) for n in self.sample_sizes]
         rows += [(f"beam(n={BEAM_N}), {prompts}, s", "beam long", "beam short", "s", BEAM_TARGET),
-                 (f"KV bytes, {MEMORY_BRANCHES} branches / 1 branch", "memory many", "memory one", "MiB", MEMORY_TARGET)]
+                 (f"KV bytes, {MEMORY_BRANCHES} branches / 1 branch", "memory many", "memory one", "MiB",
+                  MEMORY_TARGET)]
         rows += [(f"sample(n={n}), {long_prompt}, s per token", f"sample {n} long copying", f"sample {n} long", "ms",
                   None) for n in self.sample_sizes]
         rows += [(f"beam(n={BEAM_N}), {long_prompt}, s", "beam long copying", "beam long", "s", None),

@@ -3,11 +3,13 @@
 transformers' attention layers call the function their config names (``config._attn_implementation``)
 from its `AttentionInterface`, passing on the keyword arguments of the model's forward. This
 module registers one more function there, under `ATTENTION_NAME`: given the keyword
-`SHARED_PREFIX_KEYWORD` (a KV indexed by layer: keys and values [1, K, P, d] of a prefix every row of the
-batch starts with), it computes attention as the native GPT-2 forward does (kv_attention.shared_prefix_attention:
-the prefix read once for all rows, each row's own keys, combined by log-sum-exp); the keys the
-layer passes are the rows' own (the runner's cache holds only those). Without that keyword it is
-transformers' SDPA attention unchanged, and its mask function is SDPA's.
+`SHARED_PREFIX_KEYWORD` (a KV indexed by layer: keys and values [1, K, P, d] of a prefix every
+row of the batch starts with), it computes attention as the native GPT-2 forward does
+(kv_attention.shared_prefix_attention: the prefix read once for all rows, each row's own keys,
+combined by log-sum-exp); the keys the layer passes are the rows' own (the runner's cache holds
+only those), at the rows' true positions (the runner passes them, so rotary embeddings are
+right). Without that keyword it is transformers' SDPA attention unchanged, and its mask function
+is SDPA's.
 
 Nothing changes in the process until a runner is built for a model that can use it (`register`),
 and a model's attention is switched to it only for the duration of the runner's own forward calls
@@ -33,7 +35,7 @@ from .kv_attention import shared_prefix_attention
 
 #: our name in transformers' attention interface (and its mask interface)
 ATTENTION_NAME = "lmql_backends_shared_prefix"
-#: the model forward's keyword that carries the shared prefix (see SharedPrefixLayers)
+#: the model forward's keyword that carries the shared prefix to every attention layer
 SHARED_PREFIX_KEYWORD = "lmql_backends_shared_prefix"
 #: model types whose attention layers pass the interface only what the shared path honours
 #: (query, keys, values, mask, scaling; no soft-capping, sinks or per-layer windows of their own)
