@@ -34,10 +34,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import InvalidRequestError
 from ..loader import MODEL_IMPLS, check_choice
-from . import transformers_attention as shared_attention
 from .linear_kernels import KernelChoice, choose_kernels, uses_onednn
 from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
+from .transformers_attention import (
+    SHARED_PREFIX_KEYWORD, register_shared_attention, shared_attention_unsupported_reason, swapped_attention,
+)
 
 MIN_HEADROOM = 64
 #: a past at least this long that cannot grow in place is shared (SharedPrefixKV), a shorter one copied
@@ -214,8 +216,7 @@ class StoreCache(Cache):
 class TransformersForward:
     """The model's own transformers forward, with a `StoreCache` over the runner's store.
 
-    Where the model's attention can read a shared prefix (transformers_attention.unsupported_reason
-    is None), it does: the prefix's keys and values go to the attention function as they are, the
+    Where the model's attention can read a shared prefix (`sharing_unsupported_reason` is None), it does: the prefix's keys and values go to the attention function as they are, the
     cache holds only each row's own states, the positions are each row's true ones.
     """
 
@@ -223,10 +224,10 @@ class TransformersForward:
         self.model = model
         self.cache_keyword = cache_keyword(model)
         #: why the model keeps copying shared prefixes into each row (None: it reads them once)
-        self.sharing_unsupported_reason = shared_attention.unsupported_reason(model)
+        self.sharing_unsupported_reason = shared_attention_unsupported_reason(model)
         self.shares_prefixes = self.sharing_unsupported_reason is None
         if self.shares_prefixes:
-            shared_attention.register()
+            register_shared_attention()
 
     def __call__(self, ids, positions, padding, store: KVStore, past_len: int, all_logits: bool,
                  shared=None) -> torch.Tensor:
@@ -236,8 +237,8 @@ class TransformersForward:
             return self._run(ids, positions, padding, all_logits, kwargs)
         if not self.shares_prefixes:
             raise ValueError(f"this model cannot read a shared prefix: {self.sharing_unsupported_reason}")
-        kwargs[shared_attention.SHARED_PREFIX_KEYWORD] = shared
-        with shared_attention.swapped_attention(self.model):
+        kwargs[SHARED_PREFIX_KEYWORD] = shared
+        with swapped_attention(self.model):
             return self._run(ids, positions, padding, all_logits, kwargs)
 
     def _run(self, ids, positions, padding, all_logits: bool, kwargs: dict) -> torch.Tensor:

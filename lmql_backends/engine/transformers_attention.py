@@ -11,14 +11,15 @@ only those), at the rows' true positions (the runner passes them, so rotary embe
 right). Without that keyword it is transformers' SDPA attention unchanged, and its mask function
 is SDPA's.
 
-Nothing changes in the process until a runner is built for a model that can use it (`register`),
-and a model's attention is switched to it only for the duration of the runner's own forward calls
-that read a shared prefix (`swapped_attention`), then switched back.
+Nothing changes in the process until a runner is built for a model that can use it
+(`register_shared_attention`), and a model's attention is switched to it only for the duration
+of the runner's own forward calls that read a shared prefix (`swapped_attention`), then back.
 
 Which models: those whose attention layers go through the interface, of an architecture checked
 here to pass nothing the shared path would ignore (`CHECKED_MODEL_TYPES`), on SDPA attention,
-with every layer attending to all earlier tokens. `unsupported_reason` says why another model
-keeps copying shared prefixes (sliding-window layers, logit soft-capping, attention sinks...).
+with every layer attending to all earlier tokens. `shared_attention_unsupported_reason` says why
+another model keeps copying shared prefixes (sliding windows, other attention implementations,
+other architectures: soft-capped logits, attention sinks...).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ _swaps_lock = threading.Lock()
 _swaps: dict[int, int] = {}  # id(model config) -> blocks of swapped_attention running on it
 
 
-def unsupported_reason(model) -> str | None:
+def shared_attention_unsupported_reason(model) -> str | None:
     """Why `model`'s attention cannot read a shared prefix through `ATTENTION_NAME` (None: it can)."""
     config = model.config
     model_type = getattr(config, "model_type", None)
@@ -80,7 +81,7 @@ def window_reason(config) -> str | None:
     return None
 
 
-def register() -> None:
+def register_shared_attention() -> None:
     """Add `ATTENTION_NAME` to transformers' attention and mask interfaces (once per process)."""
     global _is_registered
     with _registered:
