@@ -547,11 +547,12 @@ async def measure_each_model(context: "BenchContext", make_bench, session) -> li
     return figures
 
 
-def run_standalone(run: Callable[[BenchContext], Awaitable[list[Figure]]], args) -> None:
-    """Run one benchmark script on its own: build models, start servers, print its table."""
+def run_standalone(run: Callable[[BenchContext], Awaitable[list[Figure]]], args, models_of=make_models) -> None:
+    """Run one benchmark script on its own: build models (`models_of(args.model, workdir)`), start
+    servers, print its table."""
     set_threads()
     with make_workdir() as workdir:
-        context = BenchContext(Settings(args.quick), make_models(args.model, Path(workdir)), ServerPool())
+        context = BenchContext(Settings(args.quick), models_of(args.model, Path(workdir)), ServerPool())
         print(describe_load("at start"), flush=True)
         try:
             figures = run_async(run(context))

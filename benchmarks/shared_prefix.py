@@ -14,14 +14,30 @@ For each model, in-process (``local:MODEL``, the process's shared engine), with 
 Targets (issue "Branches that share a prompt cost only their new tokens"): sample n=8 <= 1.6,
 n=16 <= 2.0, beam n=4 <= 1.6, memory of 16 branches <= 1.3.
 
-    python benchmarks/shared_prefix.py [--quick] [--model tiny|gpt2-small|all]
+Copying against sharing, in the same run: every long-prompt measure (and the memory) is also taken
+with the runner's `prefix_sharing` off (each branch's rows copy the prompt's KV, as before shared
+prefixes), alternating with the sharing runs; the figure is copying / sharing.
+
+Models: ``tiny`` and ``gpt2-small`` (common.py; native GPT-2 forward) and ``llama``, a Llama-shaped
+random model built here (8 layers, 512 wide, 8 query heads reading 2 key/value heads, rotary
+positions; the embedded tokenizer), which runs through transformers' forward and the shared-prefix
+attention function registered with its attention interface (engine/transformers_attention.py).
+
+    python benchmarks/shared_prefix.py [--quick] [--model tiny|gpt2-small|llama|all]
 """
 
 from __future__ import annotations
 
 import time
 
-from common import BenchContext, BenchModel, Figure, alternate_medians, as_async, at_most, make_prompt_ids, standalone_main
+import argparse
+from pathlib import Path
+
+import torch
+from common import (
+    TINY_MODEL_DIR, BenchContext, BenchModel, Figure, alternate_medians, as_async, at_most, make_models,
+    make_prompt_ids, run_standalone,
+)
 
 from lmql_backends.client.inprocess import InProcessClient
 from lmql_backends.engine.runner import kv_bytes
@@ -36,6 +52,43 @@ QUERY = '"{prompt}[X]" where len(TOKENS(X)) <= ' + str(NEW_TOKENS)
 SAMPLE_TARGETS = {8: at_most(1.6), 16: at_most(2.0)}
 BEAM_N, BEAM_TARGET = 4, at_most(1.6)
 MEMORY_BRANCHES, MEMORY_TARGET = 16, at_most(1.3)
+LLAMA_LABEL = "llama-small-random"
+MODEL_CHOICES = ("tiny", "gpt2-small", "llama", "all")
+#: how the figures show their numbers: unit -> (factor from seconds or bytes, label)
+UNITS = {"ms": (1e3, "ms per generated token"), "s": (1.0, "s per query"), "MiB": (2.0**-20, "MiB")}
+
+
+def build_llama_dir(path: Path) -> str:
+    """Save a Llama-shaped random model (grouped-query attention) with the embedded tokenizer.
+
+    As for the GPT-2-small-shaped model, EOS's output row is zero (its logit 0), so that decoding
+    rarely stops early.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=2, intermediate_size=1376,
+        max_position_embeddings=2048, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def models_of(which: str, workdir: Path) -> list[BenchModel]:
+    """common.make_models' models, and the Llama-shaped one for ``llama`` and ``all``."""
+    models = make_models(which, workdir) if which != "llama" else []
+    if which in ("llama", "all"):
+        path = workdir / LLAMA_LABEL
+        path.mkdir(parents=True, exist_ok=True)
+        models.append(BenchModel(LLAMA_LABEL, build_llama_dir(path)))
+    return models
 
 
 class SharedPrefix:
@@ -58,14 +111,18 @@ class SharedPrefix:
         run_sync(QUERY, model="local:" + self.model.name, decoder=decoder, prompt=prompt)
         return time.perf_counter() - start, self.engine.stats().num_generated_tokens - before
 
-    def sample_measure(self, which: str, n: int):
+    def sample_measure(self, which: str, n: int, sharing: bool = True):
         def measure(rep: int) -> float:
+            self.engine.runner.prefix_sharing = sharing
             seconds, tokens = self.run_query(self.prompts[which], sample(n=n, seed=1000 * (rep + 1)))
             return seconds / max(tokens, 1)
         return as_async(measure)
 
-    def beam_measure(self, which: str):
-        return as_async(lambda rep: self.run_query(self.prompts[which], beam(n=BEAM_N))[0])
+    def beam_measure(self, which: str, sharing: bool = True):
+        def measure(rep: int) -> float:
+            self.engine.runner.prefix_sharing = sharing
+            return self.run_query(self.prompts[which], beam(n=BEAM_N))[0]
+        return as_async(measure)
 
     def warm_up(self) -> None:
         """Put the long prompt in the prefix cache (and run every path once)."""
@@ -78,11 +135,18 @@ class SharedPrefix:
         measures = {}
         for n in self.sample_sizes:
             measures[f"sample {n} long"] = self.sample_measure("long", n)
+            measures[f"sample {n} long copying"] = self.sample_measure("long", n, sharing=False)
             measures[f"sample {n} short"] = self.sample_measure("short", n)
         measures["beam long"] = self.beam_measure("long")
+        measures["beam long copying"] = self.beam_measure("long", sharing=False)
         measures["beam short"] = self.beam_measure("short")
-        values = await alternate_medians(self.context.settings.repetitions, measures)
-        values["memory many"], values["memory one"] = self.memory()
+        try:
+            values = await alternate_medians(self.context.settings.repetitions, measures)
+            values["memory many"], values["memory one"] = self.memory()
+            self.engine.runner.prefix_sharing = False
+            values["memory many copying"], _ = self.memory()
+        finally:
+            self.engine.runner.prefix_sharing = True
         return values
 
     def memory(self) -> tuple[int, int]:
@@ -103,19 +167,27 @@ class SharedPrefix:
         return kv_bytes(kvs)
 
     def figures(self, values: dict[str, float]) -> list[Figure]:
-        label, figures = self.model.label, []
-        for n in self.sample_sizes:
-            long, short = values[f"sample {n} long"], values[f"sample {n} short"]
-            figures.append(Figure(
-                BENCHMARK, label, f"sample(n={n}), {LONG_PROMPT_TOKENS}-token / 1-token prompt, s per token",
-                long / short, f"{long * 1e3:.2f} vs {short * 1e3:.2f} ms per generated token", SAMPLE_TARGETS[n]))
-        long, short = values["beam long"], values["beam short"]
-        figures.append(Figure(BENCHMARK, label, f"beam(n={BEAM_N}), {LONG_PROMPT_TOKENS}-token / 1-token prompt, s",
-                              long / short, f"{long:.2f} vs {short:.2f} s per query", BEAM_TARGET))
-        many, one = values["memory many"], values["memory one"]
-        figures.append(Figure(BENCHMARK, label, f"KV bytes, {MEMORY_BRANCHES} branches / 1 branch",
-                              many / one, f"{many / 2**20:.1f} vs {one / 2**20:.1f} MiB", MEMORY_TARGET))
-        return figures
+        prompts = f"{LONG_PROMPT_TOKENS}-token / 1-token prompt"
+        long_prompt = f"{LONG_PROMPT_TOKENS}-token prompt, copying / sharing"
+        rows = [(f"sample(n={n}), {prompts}, s per token", f"sample {n} long", f"sample {n} short", "ms",
+                 SAMPLE_TARGETS[n]) for n in self.sample_sizes]
+        rows += [(f"beam(n={BEAM_N}), {prompts}, s", "beam long", "beam short", "s", BEAM_TARGET),
+                 (f"KV bytes, {MEMORY_BRANCHES} branches / 1 branch", "memory many", "memory one", "MiB",
+                  MEMORY_TARGET)]
+        rows += [(f"sample(n={n}), {long_prompt}, s per token", f"sample {n} long copying", f"sample {n} long", "ms",
+                  None) for n in self.sample_sizes]
+        rows += [(f"beam(n={BEAM_N}), {long_prompt}, s", "beam long copying", "beam long", "s", None),
+                 (f"KV bytes, {MEMORY_BRANCHES} branches, copying / sharing", "memory many copying", "memory many",
+                  "MiB", None)]
+        return [self.figure(values, *row) for row in rows]
+
+    def figure(self, values: dict[str, float], name: str, numerator: str, denominator: str, unit: str,
+               target) -> Figure:
+        """The figure `values[numerator] / values[denominator]`, both shown in `unit` (see UNITS)."""
+        factor, label = UNITS[unit]
+        top, bottom = values[numerator], values[denominator]
+        detail = f"{top * factor:.2f} vs {bottom * factor:.2f} {label}"
+        return Figure(BENCHMARK, self.model.label, name, top / bottom, detail, target)
 
 
 async def run(context: BenchContext) -> list[Figure]:
@@ -128,5 +200,12 @@ async def run(context: BenchContext) -> list[Figure]:
     return figures
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--model", choices=MODEL_CHOICES, default="all", help="models (default all)")
+    run_standalone(run, parser.parse_args(), models_of)
+
+
 if __name__ == "__main__":
-    standalone_main(run, __doc__)
+    main()

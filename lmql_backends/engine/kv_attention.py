@@ -61,15 +61,40 @@ def combine_parts(out_a, lse_a, out_b, lse_b):
 def shared_prefix_attention(query, shared_keys, shared_values, keys, values, mask, scale: float):
     """Attention of `query` [B, H, T, d] over a shared prefix and each row's own keys.
 
-    shared_keys/values: [1, H, P, d], seen by every query of every row; keys/values:
-    [B, H, S, d], row b's own (its last T are the queries' own tokens); `mask` (additive,
+    shared_keys/values: [1, K, P, d], seen by every query of every row; keys/values:
+    [B, K, S, d], row b's own (its last T are the queries' own tokens); `mask` (additive,
     [B, 1, T or 1, S]) hides padding and later tokens, None: no padding (causal when T > 1).
+    K divides H (grouped-query attention: query heads k * H/K ... (k + 1) * H/K - 1 read key
+    head k); each key head's group of query heads is folded into the query length, so no key
+    is repeated per query head.
     """
     batch, heads, length, width = query.shape
-    folded = query.transpose(0, 1).reshape(1, heads, batch * length, width)
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * length, width)
+    rows = groups * length
+    folded = grouped.transpose(0, 1).reshape(1, kv_heads, batch * rows, width)
     out_shared, lse_shared = attention_with_lse(folded, shared_keys, shared_values, None, scale)
-    out_shared = out_shared.view(heads, batch, length, width).transpose(0, 1)
-    lse_shared = lse_shared.view(heads, batch, length).transpose(0, 1)
-    is_causal = mask is None and length > 1
-    out_own, lse_own = attention_with_lse(query, keys, values, mask, scale, is_causal)
-    return combine_parts(out_shared, lse_shared, out_own, lse_own)[0]
+    out_shared = out_shared.view(kv_heads, batch, rows, width).transpose(0, 1)
+    lse_shared = lse_shared.view(kv_heads, batch, rows).transpose(0, 1)
+    own_mask, is_causal = grouped_mask(mask, groups, length, keys.shape[2], query)
+    out_own, lse_own = attention_with_lse(grouped, keys, values, own_mask, scale, is_causal)
+    out = combine_parts(out_shared, lse_shared, out_own, lse_own)[0]
+    return out.reshape(batch, heads, length, width)
+
+
+def grouped_mask(mask, groups: int, length: int, num_keys: int, like: torch.Tensor):
+    """The tail part's (mask, is_causal) for queries whose head groups are folded into their length.
+
+    Query row g * T + t is token t of head g of its group: it gets row t of `mask`. Causality
+    of several tokens without a mask is `is_causal` when nothing is folded, else a mask.
+    """
+    if mask is None and (length == 1 or groups == 1):
+        return None, length > 1
+    if mask is None:
+        hidden = torch.ones(length, num_keys, dtype=torch.bool, device=like.device).triu(num_keys - length + 1)
+        mask = torch.zeros(hidden.shape, dtype=like.dtype, device=like.device).masked_fill_(hidden, float("-inf"))
+        mask = mask[None, None]
+    if groups == 1 or mask.shape[2] == 1:
+        return mask, False
+    return mask.repeat(1, 1, groups, 1), False

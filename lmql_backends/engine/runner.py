@@ -20,7 +20,10 @@ Branches of one prompt share its KV: a sequence that continues a long KV it cann
 (a cached prompt other sequences fork from too) is not copied but kept as a `SharedPrefixKV`,
 the prompt's columns read where they are and only the new tokens in a tail of its own. A decode
 batch whose sequences share one prefix packs only their tails and reads the prefix once per step
-(kv_attention.shared_prefix_attention), where the forward supports it (`shares_prefixes`).
+(kv_attention.shared_prefix_attention), where the forward supports it (`shares_prefixes`): the
+native GPT-2 forward, and transformers' forward of the models whose attention can be swapped for
+the function transformers_attention registers (Llama, Mistral, Qwen2, Qwen3 on SDPA, without a
+sliding window; `TransformersForward.sharing_unsupported_reason` says why another model copies).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from ..loader import MODEL_IMPLS, check_choice
 from .linear_kernels import KernelChoice, choose_kernels, uses_onednn
 from .native_gpt2 import NativeGpt2Forward, unsupported_reason
 from .sequence import KVCache
+from .transformers_attention import (
+    SHARED_PREFIX_KEYWORD, register_shared_attention, shared_attention_unsupported_reason, swapped_attention,
+)
 
 MIN_HEADROOM = 64
 #: a past at least this long that cannot grow in place is shared (SharedPrefixKV), a shorter one copied
@@ -225,21 +231,36 @@ class StoreCache(Cache):
 
 
 class TransformersForward:
-    """The model's own transformers forward, with a `StoreCache` over the runner's store."""
+    """The model's own transformers forward, with a `StoreCache` over the runner's store.
+
+    Where the model's attention can read a shared prefix (`sharing_unsupported_reason` is None), it does: the prefix's keys and values go to the attention function as they are, the
+    cache holds only each row's own states, the positions are each row's true ones.
+    """
 
     def __init__(self, model):
         self.model = model
         self.cache_keyword = cache_keyword(model)
+        #: why the model keeps copying shared prefixes into each row (None: it reads them once)
+        self.sharing_unsupported_reason = shared_attention_unsupported_reason(model)
+        self.shares_prefixes = self.sharing_unsupported_reason is None
+        if self.shares_prefixes:
+            register_shared_attention()
 
     def __call__(self, ids, positions, padding, store: KVStore, past_len: int, all_logits: bool,
                  shared=None) -> torch.Tensor:
         """Logits [B, T or 1, V] of `ids` [B, T] after `past_len` stored columns (see NativeGpt2Forward)."""
-        if shared is not None:
-            raise ValueError("TransformersForward does not take a shared prefix (its shares_prefixes is False)")
-        out = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=padding, use_cache=True,
-            logits_to_keep=0 if all_logits else 1, **{self.cache_keyword: StoreCache(store, past_len)},
-        )
+        kwargs = {self.cache_keyword: StoreCache(store, past_len)}
+        if shared is None:
+            return self._run(ids, positions, padding, all_logits, kwargs)
+        if not self.shares_prefixes:
+            raise ValueError(f"this model cannot read a shared prefix: {self.sharing_unsupported_reason}")
+        kwargs[SHARED_PREFIX_KEYWORD] = shared
+        with swapped_attention(self.model):
+            return self._run(ids, positions, padding, all_logits, kwargs)
+
+    def _run(self, ids, positions, padding, all_logits: bool, kwargs: dict) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=padding, use_cache=True,
+                         logits_to_keep=0 if all_logits else 1, **kwargs)
         return out.logits
 
 
@@ -271,6 +292,9 @@ class ModelRunner:
         self.forward = make_forward(model, model_impl)
         self.device = next(model.parameters()).device
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        #: False: forks copy a shared past into each row even where the forward could read it once
+        #: (what every runner did before SharedPrefixKV; benchmarks compare the two)
+        self.prefix_sharing = True
 
     @property
     def is_native(self) -> bool:
@@ -340,7 +364,7 @@ class ModelRunner:
     @property
     def shares_prefixes(self) -> bool:
         """Whether the forward reads a prefix shared by a batch's rows once (see SharedPrefixKV)."""
-        return getattr(self.forward, "shares_prefixes", False)
+        return self.prefix_sharing and getattr(self.forward, "shares_prefixes", False)
 
     def _forward_batch(self, store: KVStore, tokens: list[int], positions: list[int], lengths: list[int],
                        shared: StoredKV | None) -> torch.Tensor:

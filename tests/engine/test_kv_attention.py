@@ -69,3 +69,41 @@ def test_shared_prefix_attention_of_several_new_tokens_is_causal_in_the_tail():
     allowed = torch.ones(num_new, prefix + num_new, dtype=torch.bool).tril(prefix)
     expected = F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=allowed, scale=0.5)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def repeat_heads(tensor, groups):
+    """Each key head repeated for its group of query heads, as grouped-query attention reads them."""
+    return tensor.repeat_interleave(groups, dim=1)
+
+
+@pytest.mark.parametrize("num_new", [1, 3])
+def test_grouped_query_shared_prefix_attention_equals_attention_over_repeated_key_heads(num_new):
+    batch, heads, kv_heads, prefix, width, tail = 3, 4, 2, 7, 4, 5
+    query = tensors(batch, heads, num_new, width)
+    shared_keys, shared_values = tensors(1, kv_heads, prefix, width, seed=1), tensors(1, kv_heads, prefix, width, seed=2)
+    keys, values = tensors(batch, kv_heads, tail, width, seed=3), tensors(batch, kv_heads, tail, width, seed=4)
+    lengths = [5, 4, 3]  # real tail columns of each row, left-padded, the last `num_new` the queries' own
+    allowed = torch.ones(batch, 1, num_new, tail, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        allowed[row, :, :, :tail - n] = False
+    allowed &= torch.ones(num_new, tail, dtype=torch.bool).tril(tail - num_new)
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    got = shared_prefix_attention(query, shared_keys, shared_values, keys, values, mask, 0.5)
+    all_keys = repeat_heads(torch.cat([shared_keys.expand(batch, -1, -1, -1), keys], 2), heads // kv_heads)
+    all_values = repeat_heads(torch.cat([shared_values.expand(batch, -1, -1, -1), values], 2), heads // kv_heads)
+    full_mask = torch.cat([torch.zeros(batch, 1, num_new, prefix), mask], 3)
+    expected = F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=full_mask, scale=0.5)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_grouped_query_shared_prefix_attention_of_several_new_tokens_without_a_mask_is_causal():
+    heads, kv_heads, prefix, width, num_new = 6, 2, 5, 4, 3
+    query = tensors(1, heads, num_new, width)
+    shared_keys, shared_values = tensors(1, kv_heads, prefix, width, seed=1), tensors(1, kv_heads, prefix, width, seed=2)
+    keys, values = tensors(1, kv_heads, num_new, width, seed=3), tensors(1, kv_heads, num_new, width, seed=4)
+    got = shared_prefix_attention(query, shared_keys, shared_values, keys, values, None, 0.5)
+    all_keys = repeat_heads(torch.cat([shared_keys, keys], 2), 3)
+    all_values = repeat_heads(torch.cat([shared_values, values], 2), 3)
+    allowed = torch.ones(num_new, prefix + num_new, dtype=torch.bool).tril(prefix)
+    expected = F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=allowed, scale=0.5)
+    assert torch.allclose(got, expected, atol=1e-5)
