@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -442,6 +443,22 @@ class BenchContext:
     settings: Settings
     models: list[BenchModel]
     servers: ServerPool
+
+
+def concurrent_tokens_per_second(stream: Callable[[int], int], num_streams: int) -> float:
+    """Aggregate tokens/s of `stream(i)` (which returns its number of tokens) in `num_streams` threads at once."""
+    counts = [0] * num_streams
+
+    def run(i: int) -> None:
+        counts[i] = stream(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(num_streams)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - start)
 
 
 # ---- streaming completions over raw HTTP --------------------------------------------------------------

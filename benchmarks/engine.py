@@ -22,10 +22,11 @@ import dataclasses
 import os
 import random
 import statistics
-import threading
 import time
 
 import torch
+
+from common import concurrent_tokens_per_second
 
 from lmql_backends.engine import Engine, EngineConfig, PromptOutput, Request, TokenOutput
 from lmql_backends.loader import LoadedModel
@@ -94,18 +95,8 @@ def run_stream(engine: Engine, prompt: list[int], max_tokens: int) -> int:
 
 def streams_tokens_per_second(engine: Engine, num_streams: int, max_tokens: int, seed: int) -> float:
     """Aggregate greedy tokens/s of `num_streams` concurrent requests (fresh prompts)."""
-    counts = [0] * num_streams
-
-    def worker(i: int) -> None:
-        counts[i] = run_stream(engine, make_prompt(SHORT_PROMPT, seed * 100 + i), max_tokens)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(num_streams)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return concurrent_tokens_per_second(
+        lambda i: run_stream(engine, make_prompt(SHORT_PROMPT, seed * 100 + i), max_tokens), num_streams)
 
 
 @torch.inference_mode()

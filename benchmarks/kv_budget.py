@@ -14,10 +14,10 @@ Target: >= 0.95 for both (the bound costs at most 5% while it does not bind).
 
 from __future__ import annotations
 
-import threading
-import time
 
-from common import BenchContext, BenchModel, Figure, alternate_medians, as_async, at_least, standalone_main
+from common import (
+    BenchContext, BenchModel, Figure, alternate_medians, as_async, at_least, concurrent_tokens_per_second, standalone_main,
+)
 
 from lmql_backends.engine import Engine, EngineConfig, Request, TokenOutput
 from lmql_backends.loader import load_model
@@ -30,20 +30,13 @@ NEVER_BINDING_BYTES = 2**40
 
 def tokens_per_second(engine: Engine, num_streams: int, num_tokens: int, seed: int) -> float:
     """Aggregate greedy tokens/s of `num_streams` concurrent streams with fresh prompts."""
-    counts = [0] * num_streams
 
-    def stream(i: int) -> None:
+    def stream(i: int) -> int:
         prompt = [1 + (seed * 131 + i * 17 + t) % 1500 for t in range(PROMPT_TOKENS)]
         request = Request(prompt, num_tokens, stop_token_ids=frozenset())
-        counts[i] = sum(isinstance(out, TokenOutput) for out in engine.stream_sync(request, timeout=300))
+        return sum(isinstance(out, TokenOutput) for out in engine.stream_sync(request, timeout=300))
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(num_streams)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return concurrent_tokens_per_second(stream, num_streams)
 
 
 class KVBudgetBench:
