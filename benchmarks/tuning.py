@@ -5,7 +5,8 @@ model (or where correctness or robustness needs it). For each piece, two engines
 in that setting serve the same greedy requests, round by round in turn (medians):
 
 - ``--model-impl``: the engine's own GPT-2 forward (``native``) / transformers' forward;
-- ``--matmul``: the per-layer choice between BLAS and oneDNN, timed at start (``auto``) / BLAS
+- ``--matmul``: the per-layer choice between BLAS, oneDNN and oneDNN on packed weights, timed at
+  start (``auto``) / BLAS
   alone (``blas``); also the seconds the engine takes to start with each;
 - batched prefills: prompts arriving together run in one forward / one forward each.
 

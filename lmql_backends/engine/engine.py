@@ -105,6 +105,8 @@ class EngineStats:
     is_native_forward: bool
     #: linear layers that run on oneDNN for some batch size (see linear_kernels; 0 with matmul "blas")
     num_onednn_linears: int
+    #: bytes of the weight copies packed for oneDNN that matmul "auto" chose to keep (see linear_kernels)
+    packed_weight_bytes: int = 0
     # KV memory (see kv_budget.KVMemory; measured at most KV_MEASURE_SECONDS ago; a shared column counts once)
     kv_bytes_per_token: int = 0
     #: the --kv-cache-bytes bound (0: none)
@@ -247,6 +249,9 @@ class Engine(OutputStreams):
             return
         for (shape, *_), choice in choices.items():
             log.debug("linear %s kernels by rows: %s", "x".join(map(str, shape)), choice.describe())
+        if self.runner.packed_weight_bytes:
+            log.info("matmul auto keeps %.0f MB of weights packed for oneDNN (faster decode steps; --matmul blas "
+                     "keeps none)", self.runner.packed_weight_bytes / 2 ** 20)
 
     def _cancel_all(self) -> None:
         """Fail every queued and running request with RequestCancelledError (at shutdown)."""
@@ -473,6 +478,7 @@ class Engine(OutputStreams):
             num_threads=self.num_threads or 0,
             is_native_forward=self.runner.is_native,
             num_onednn_linears=self.runner.num_onednn_linears,
+            packed_weight_bytes=self.runner.packed_weight_bytes,
             kv_bytes_per_token=budget.bytes_per_token,
             kv_limit_bytes=budget.limit_bytes or 0,
             kv_used_bytes=memory.used_bytes,

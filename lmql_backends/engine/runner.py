@@ -318,6 +318,13 @@ class ModelRunner:
             return 0
         return sum(uses_onednn(linear) for linear in self.forward.linears)
 
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Bytes of the weight copies packed for oneDNN (see linear_kernels)."""
+        if not self.is_native:
+            return 0
+        return sum(linear.packed_bytes for linear in self.forward.linears)
+
     @torch.inference_mode()
     def prefill(self, new_ids: list[int], past: KVCache | None, past_len: int, all_logits: bool):
         """Run `new_ids` after a cached past; return logits ([n, V] or [1, V]) and the new KV."""
