@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import urllib.parse
 from typing import Any, AsyncIterator
@@ -122,7 +123,9 @@ class OpenAIClient(LMClient):
         logprobs = first_choice(await self._post_json(params)).get("logprobs") or {}
         top = (logprobs.get("top_logprobs") or [None])[0] or {}
         choices = [TokenChoice(self._token_id(name), float(lp)) for name, lp in top.items()]
-        return sorted(choices, key=lambda c: -c.logprob)[:k]
+        # a server may fill top_logprobs with tokens the mask forbids (-inf) when it allows fewer than k (vLLM does)
+        allowed = [c for c in choices if math.isfinite(c.logprob) and is_allowed(mask, c.token_id)]
+        return sorted(allowed, key=lambda c: -c.logprob)[:k]
 
     async def score(self, ids, num_context: int) -> list[float]:
         if num_context >= len(ids):
@@ -294,6 +297,11 @@ def parse_model_info(body: dict, name: str) -> ModelInfo:
     models = (body.get("data") if isinstance(body, dict) else None) or []
     entry = next((m for m in models if m.get("id") == name), models[0] if models else {})
     return ModelInfo(entry.get("max_model_len"), entry.get("vocab_size"))
+
+
+def is_allowed(mask: torch.Tensor | None, token_id: int) -> bool:
+    """Whether `mask` (None: every token) allows `token_id`."""
+    return mask is None or (0 <= token_id < mask.shape[0] and bool(mask[token_id]))
 
 
 def first_choice(body: dict) -> dict:

@@ -328,3 +328,27 @@ def test_one_client_works_in_successive_event_loops(new_server, inprocess, promp
 
     first, second = asyncio.run(top_two()), asyncio.run(top_two())
     assert first == second and len(first) == 2
+
+
+async def test_top_tokens_drop_alternatives_the_mask_forbids(inprocess, prompt_ids):
+    """vLLM fills top_logprobs up to `logprobs` entries with masked tokens when the mask allows fewer."""
+    body = {"choices": [{"index": 0, "text": "x", "finish_reason": "length", "logprobs": {
+        "tokens": ["token_id:7"], "token_logprobs": [0.0],
+        "top_logprobs": [{"token_id:7": 0.0, "token_id:0": -9999.0, "token_id:3": float("-inf")}]}}]}
+
+    async def handler(request):
+        if request.path.endswith("/models"):
+            return web.json_response({"object": "list", "data": []})
+        return web.Response(text=json.dumps(body), content_type="application/json")  # -Infinity, as Python writes it
+
+    mask = torch.zeros(inprocess.num_tokens, dtype=torch.bool)
+    mask[7] = True
+    runner, endpoint = await start_fake_server(handler)
+    try:
+        async with OpenAIClient(MODEL, endpoint, inprocess.tokenizer) as client:
+            choices = await client.top_tokens(prompt_ids, mask, 3)
+            unmasked = await client.top_tokens(prompt_ids, None, 3)
+    finally:
+        await runner.cleanup()
+    assert [(c.token_id, c.logprob) for c in choices] == [(7, 0.0)]
+    assert [c.token_id for c in unmasked] == [7, 0]  # without a mask only the -inf entry goes

@@ -80,7 +80,9 @@ def wait_healthy(process: subprocess.Popen, url: str, log_path: str) -> None:
 def test_conformance_against_vllm_expects_only_the_seeded_sampling_differences(vllm, capsys):
     assert run_command(ConformanceOptions(MODEL, vllm)) == 0
     out = capsys.readouterr().out
-    assert "18 of 20 queries agree on in-process, new, legacy; 2 differ as expected on a foreign server" in out
+    summary = re.search(
+        r"(\d+) of (\d+) queries agree on in-process, new, legacy; 2 differ as expected on a foreign server", out)
+    assert summary and int(summary[2]) - int(summary[1]) == 2, out  # every other query agrees
 
 
 def test_a_front_of_vllm_serves_both_apis(vllm, capsys):
