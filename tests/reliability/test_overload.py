@@ -79,7 +79,9 @@ def test_64_streams_each_complete_or_get_429_with_retry_after(new_server):
     outcomes = asyncio.run(many_streams(base_url(new_server) + "/v1/completions"))
     assert outcomes.count("completed") >= 1 and outcomes.count("refused") >= 1, outcomes
     engine = new_server.state.engine
-    assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0, seconds=10)
+    # num_pending is what admission counts (it drops just after a sequence leaves the scheduler)
+    assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0
+                      and engine.num_pending == 0, seconds=10)
 
 
 async def openai_client_call(endpoint: str, tokenizer):
@@ -113,7 +115,9 @@ def occupy(engine) -> list[Request]:
 def release(engine, blockers: list[Request]) -> None:
     for request in blockers:
         engine.abort(request.request_id)
-    assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0, seconds=10)
+    # num_pending is what admission counts (it drops just after a sequence leaves the scheduler)
+    assert wait_until(lambda: engine.stats().num_running + engine.stats().num_waiting == 0
+                      and engine.num_pending == 0, seconds=10)
 
 
 # ---- legacy API ---------------------------------------------------------------------------------
