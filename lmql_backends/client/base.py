@@ -102,6 +102,11 @@ def top_choices(logits: torch.Tensor, mask: torch.Tensor | None, k: int, num_tok
     return [TokenChoice(t, lp) for t, lp in top_logprobs(logprobs, k) if lp > float("-inf")]
 
 
+def is_allowed(mask: torch.Tensor | None, token_id: int) -> bool:
+    """Whether `mask` (None: every token) allows `token_id`."""
+    return mask is None or (0 <= token_id < mask.shape[0] and bool(mask[token_id]))
+
+
 def restrict_to_tokenizer(mask: torch.Tensor | None, num_tokens: int, num_logits: int | None) -> torch.Tensor | None:
     """`mask`, or for "every token" a mask of the tokenizer's tokens when the model has more logits.
 

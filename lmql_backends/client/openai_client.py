@@ -25,7 +25,9 @@ from ..errors import (
     BackendResponseError, BackendTimeoutError, BackendUnavailableError, ConstraintError, InvalidRequestError,
     LmqlBackendsError,
 )
-from .base import LMClient, TokenChoice, check_chunk_timeout, check_top_k, make_base_url, restrict_to_tokenizer
+from .base import (
+    LMClient, TokenChoice, check_chunk_timeout, check_top_k, is_allowed, make_base_url, restrict_to_tokenizer,
+)
 
 TOKEN_ID_PATTERN = r"token_id:(\d+)"
 SSE_DATA = "data:"
@@ -297,11 +299,6 @@ def parse_model_info(body: dict, name: str) -> ModelInfo:
     models = (body.get("data") if isinstance(body, dict) else None) or []
     entry = next((m for m in models if m.get("id") == name), models[0] if models else {})
     return ModelInfo(entry.get("max_model_len"), entry.get("vocab_size"))
-
-
-def is_allowed(mask: torch.Tensor | None, token_id: int) -> bool:
-    """Whether `mask` (None: every token) allows `token_id`."""
-    return mask is None or (0 <= token_id < mask.shape[0] and bool(mask[token_id]))
 
 
 def first_choice(body: dict) -> dict:

@@ -27,7 +27,7 @@ import torch
 from ..errors import InvalidRequestError
 from ..loader import MATMUL_CHOICES, check_choice
 
-#: oneDNN replaces BLAS for a bucket only when it is at least this much faster (timings are noisy)
+#: a kernel replaces one cheaper in memory for a bucket only when at least this much faster (timings are noisy)
 MIN_SPEEDUP = 1.1
 NUM_TRIALS = 3
 
@@ -102,7 +102,7 @@ class Linear:
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes of the packed copy (0: none)."""
+        """Bytes of the packed copy, as many as the weight's (oneDNN may pad a few more; 0: none)."""
         return 0 if self.packed is None else self.weight.numel() * self.weight.element_size()
 
     @property
@@ -142,13 +142,13 @@ def choose_kernels(linears: list[Linear], matmul: str, max_rows: int, time_kerne
     by_shape: dict[tuple, list[Linear]] = {}
     for linear in linears:
         by_shape.setdefault(linear.shape_key, []).append(linear)
-    choices = {key: choose_for_shape(layers, matmul, max_rows, time_kernel or time_pass)
-               for key, layers in by_shape.items()}
-    for linear in linears:
-        choice = choices[linear.shape_key]
-        linear.kernels, linear.fallback = choice.kernels, choice.fallback
-        if onednn_packed_linear not in linear.kernels:
-            linear.packed = None
+    choices = {}
+    for key, layers in by_shape.items():  # each shape's unused copies go before the next shape is packed
+        choices[key] = choice = choose_for_shape(layers, matmul, max_rows, time_kernel or time_pass)
+        for linear in layers:
+            linear.kernels, linear.fallback = choice.kernels, choice.fallback
+            if onednn_packed_linear not in linear.kernels:
+                linear.packed = None
     return choices
 
 

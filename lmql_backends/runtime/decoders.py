@@ -19,7 +19,7 @@ import math
 import secrets
 from typing import Any, Sequence
 
-from ..client.base import MAX_TOP_TOKENS, LMClient, check_chunk_timeout
+from ..client.base import MAX_TOP_TOKENS, LMClient, check_chunk_timeout, is_allowed
 from ..sampling import SamplingParams
 from ..errors import BackendError, ConstraintError, ContextLengthError, EngineError, InvalidRequestError
 from ..language.parser import DistributionClause, Query
@@ -325,7 +325,7 @@ def accept_tokens(constraints: VariableConstraints, progress: Progress, mask0, t
 
 
 def check_allowed(mask, token_id: int, variable: str) -> None:
-    if mask is not None and not (0 <= token_id < mask.shape[0] and bool(mask[token_id])):
+    if not is_allowed(mask, token_id):
         raise BackendError(f"the backend returned token {token_id} for {variable}, which the mask does not allow")
 
 
